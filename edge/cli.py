@@ -1,0 +1,146 @@
+"""`sotto-edge`: run the on-device pipeline from a shell.
+
+    sotto-edge analyze --text "where can i buy trail running shoes" --json
+    sotto-edge analyze --text-file queries.txt --region US
+    sotto-edge analyze --audio clip.wav --audio other.flac
+
+Each query prints one JSON object on stdout (the stable contract):
+{"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
+ "dropped": null | {"reason", "detail"}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
+from edge.audio import AudioError, pcm16_to_audio
+from edge.classifier import BACKENDS
+from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from edge.policy import PolicyError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sotto-edge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    analyze = sub.add_parser(
+        "analyze",
+        help="analyse queries and print what would be sent",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = analyze.add_argument_group("input (at least one; may be repeated)")
+    src.add_argument(
+        "--text", action="append", default=[], metavar="QUERY", help="a typed query or transcript"
+    )
+    src.add_argument(
+        "--text-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a UTF-8 text file with one query per line",
+    )
+    src.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="an audio file (WAV, FLAC, ...; any rate and channel count)",
+    )
+    src.add_argument(
+        "--pcm",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="raw 16 kHz mono little-endian int16 PCM, as firmware records it",
+    )
+    analyze.add_argument("--json", action="store_true", help="JSON lines on stdout (the default output)")
+    analyze.add_argument("--region", default="US", help="the device's ISO 3166-1 alpha-2 region")
+    analyze.add_argument("--opt-out", action="store_true", help="act as if the wearer opted out")
+    analyze.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
+    analyze.add_argument("--backend", default="onnx", choices=BACKENDS, help="classifier runtime")
+    analyze.add_argument("--threads", type=int, default=1, help="classifier CPU threads")
+    analyze.add_argument(
+        "--asr-model", default=None, help="a CTranslate2 Whisper directory (default: bundled tiny.en)"
+    )
+    analyze.add_argument("--asr-sha256", default=None, help="expected SHA-256 of the ASR model.bin")
+    analyze.add_argument("--compute-type", default="int8", choices=COMPUTE_TYPES, help="ASR precision")
+    analyze.add_argument("--beam-size", type=int, default=1, help="ASR beam size")
+    return parser
+
+
+def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
+    """All inputs in order, checked before any model loads."""
+    items: list[tuple[str, str | Path]] = [("text", t) for t in args.text]
+    for path in args.text_file:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
+        items += [("text", line.strip()) for line in lines if line.strip()]
+    for kind in ("audio", "pcm"):
+        for path in getattr(args, kind):
+            if not path.is_file():
+                raise ValueError(f"{path}: no such {kind} file")
+            items.append((kind, path))
+    if not items:
+        raise ValueError("nothing to analyse: give --text, --text-file, --audio or --pcm")
+    return items
+
+
+def _analyze(pipeline: Pipeline, items: list[tuple[str, str | Path]]) -> Iterator[Analysis | str]:
+    for kind, item in items:
+        try:
+            if kind == "text":
+                yield pipeline.analyze_text(str(item))
+            elif kind == "audio":
+                yield pipeline.analyze_file(item)
+            else:
+                yield pipeline.analyze_audio(pcm16_to_audio(Path(item).read_bytes()), label=str(item))
+        except AudioError as exc:
+            yield str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.beam_size < 1:
+        parser.error("--threads and --beam-size must be at least 1")
+    try:
+        items = _queries(args)
+        config = EdgeConfig(
+            models_dir=args.models,
+            classifier_backend=args.backend,
+            classifier_threads=args.threads,
+            asr=AsrOptions(
+                model_dir=args.asr_model,
+                sha256=args.asr_sha256,
+                compute_type=args.compute_type,
+                beam_size=args.beam_size,
+            ),
+        )
+        models = EdgeModels(config)
+        pipeline = Pipeline(models, region=args.region, opted_out=args.opt_out)
+    except (ValueError, PolicyError, ModelError) as exc:
+        print(f"sotto-edge: error: {exc}", file=sys.stderr)
+        return 2
+    failures = 0
+    for result in _analyze(pipeline, items):
+        if isinstance(result, str):
+            failures += 1
+            print(f"sotto-edge: error: {result}", file=sys.stderr)
+            continue
+        print(json.dumps(result.to_json(models.policy), ensure_ascii=False), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The edge pipeline: audio -> speech gate -> ASR -> classifier -> privacy filter -> signals.
+
+Models are loaded once into :class:`EdgeModels` and shared; a :class:`Pipeline` is one device's view
+of them (its region and the wearer's opt-out), cheap to create.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.asr import AsrOptions, Transcriber
+from edge.audio import Audio, load_audio
+from edge.classifier import TextClassifier
+from edge.policy import Policy, models_dir
+from edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
+from edge.signals import REGION
+from edge.vad import SpeechGate, SpeechGateOptions
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """Everything that configures the device's models (defaults are the shipped ones)."""
+
+    models_dir: str | None = None
+    classifier_backend: str = "onnx"
+    classifier_threads: int = 1
+    asr: AsrOptions = field(default_factory=AsrOptions)
+    speech_gate: SpeechGateOptions = field(default_factory=SpeechGateOptions)
+    filter: FilterOptions = field(default_factory=FilterOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the pipeline made of one utterance. ``transcript`` never leaves the device."""
+
+    input: str
+    transcript: str | None
+    signals: list[Interest]
+    dropped: Dropped | None
+    #: Milliseconds spent per stage (audio, vad, asr, classify, filter).
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, policy: Policy) -> dict[str, Any]:
+        """The public `sotto-edge analyze` JSON object (a stable contract)."""
+        return {
+            "input": self.input,
+            "transcript": self.transcript,
+            "signals": [
+                {
+                    "id": s.category_id,
+                    "name": policy.taxonomy[s.category_id].name,
+                    "tier1": policy.taxonomy[s.category_id].tier1,
+                    "weight": s.weight,
+                }
+                for s in self.signals
+            ],
+            "dropped": None
+            if self.dropped is None
+            else {"reason": self.dropped.reason, "detail": self.dropped.detail},
+        }
+
+
+class EdgeModels:
+    """Loaded models and policy, shared by every Pipeline in the process.
+
+    The speech gate and ASR load on first use, so text-only callers never pay for Whisper.
+    """
+
+    def __init__(self, config: EdgeConfig | None = None) -> None:
+        self.config = config or EdgeConfig()
+        root = models_dir(self.config.models_dir)
+        self.policy = Policy.load(root)
+        self.classifier = TextClassifier(root, self.config.classifier_backend, self.config.classifier_threads)
+        self._gate: SpeechGate | None = None
+        self._asr: Transcriber | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def speech_gate(self) -> SpeechGate:
+        with self._lock:
+            if self._gate is None:
+                self._gate = SpeechGate(self.config.speech_gate)
+            return self._gate
+
+    @property
+    def transcriber(self) -> Transcriber:
+        with self._lock:
+            if self._asr is None:
+                self._asr = Transcriber(self.config.asr)
+            return self._asr
+
+    def load_audio_models(self) -> None:
+        """Load the speech gate and ASR now instead of on the first utterance."""
+        _ = self.speech_gate, self.transcriber
+
+
+class Pipeline:
+    """One device: its region, the wearer's opt-out, and the shared models."""
+
+    def __init__(self, models: EdgeModels, region: str = "US", opted_out: bool = False) -> None:
+        region = region.upper()
+        if not REGION.match(region):
+            raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
+        self.models = models
+        self.region = region
+        self.filter = PrivacyFilter(
+            models.policy, models.classifier.meta.sensitive_threshold, models.config.filter
+        )
+        self.filter.set_opt_out(opted_out)
+
+    def set_opt_out(self, opted_out: bool) -> None:
+        self.filter.set_opt_out(opted_out)
+
+    def analyze_text(self, text: str, today: dt.date | None = None, label: str | None = None) -> Analysis:
+        """Classify and filter a transcript or typed query."""
+        day = today or dt.datetime.now(dt.UTC).date()
+        gate = self.filter.gate(self.region, day)
+        if gate is not None:
+            return Analysis(label if label is not None else text, None, [], gate)
+        return self._classify(label if label is not None else text, text, day, {})
+
+    def analyze_audio(self, audio: Audio, label: str = "<pcm>", today: dt.date | None = None) -> Analysis:
+        """Run the whole chain on one utterance of 16 kHz mono audio."""
+        day = today or dt.datetime.now(dt.UTC).date()
+        gate = self.filter.gate(self.region, day)
+        if gate is not None:  # opted out or blocked region: the audio is not even looked at
+            return Analysis(label, None, [], gate)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        speech = self.models.speech_gate.detect(audio)
+        t1 = time.perf_counter()
+        timings["vad"] = (t1 - t0) * 1000
+        if not speech.has_speech or speech.speech is None:
+            return Analysis(label, None, [], Dropped("no_speech", "no speech detected"), timings)
+        transcript = self.models.transcriber.transcribe(speech.speech)
+        timings["asr"] = (time.perf_counter() - t1) * 1000
+        if not transcript.text:
+            return Analysis(label, "", [], Dropped("no_speech", "no words recognised"), timings)
+        return self._classify(label, transcript.text, day, timings)
+
+    def analyze_file(self, path: str | os.PathLike[str], today: dt.date | None = None) -> Analysis:
+        t0 = time.perf_counter()
+        audio = load_audio(path)
+        load_ms = (time.perf_counter() - t0) * 1000
+        result = self.analyze_audio(audio, label=str(Path(path)), today=today)
+        result.timings_ms["audio"] = load_ms
+        return result
+
+    def _classify(self, label: str, transcript: str, day: dt.date, timings: dict[str, float]) -> Analysis:
+        t0 = time.perf_counter()
+        output = self.models.classifier.classify(transcript)
+        t1 = time.perf_counter()
+        decision = self.filter.decide(output, day)
+        timings["classify"] = (t1 - t0) * 1000
+        timings["filter"] = (time.perf_counter() - t1) * 1000
+        if isinstance(decision, Dropped):
+            return Analysis(label, transcript, [], decision, timings)
+        return Analysis(label, transcript, decision, None, timings)

@@ -1,0 +1,260 @@
+"""Privacy policy data: the IAB taxonomy, the reviewed sensitive list and the region table.
+
+Pure standard library on purpose: the aggregator enforces the same policy as the device and imports
+this module without pulling in any model runtime.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TAXONOMY_VERSION = "3.1"
+
+#: Sensitivity classes the device detects and drops (the keys used in models/ and in drop details).
+SENSITIVE_CLASSES: tuple[str, ...] = (
+    "health",
+    "mental_health",
+    "reproductive",
+    "sexual_orientation",
+    "religion",
+    "politics",
+    "ethnicity",
+    "trade_union",
+    "criminal_record",
+    "financial_hardship",
+    "disability",
+    "immigration",
+    "genetic",
+    "biometric",
+)
+
+
+EPOCH = dt.date(1970, 1, 1)
+
+
+def day_number(date: dt.date) -> int:
+    """Days since 1970-01-01 UTC: the only time resolution that leaves the device (``base_day``)."""
+    return (date - EPOCH).days
+
+
+class PolicyError(ValueError):
+    """A policy or model data file is missing or malformed."""
+
+
+def models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Locate the shipped model/policy folder.
+
+    Order: an explicit path, then ``$SOTTO_MODELS_DIR``, then ``models/`` next to the installed
+    packages (source checkout or editable install). Nothing is ever downloaded.
+    """
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(Path(explicit))
+    elif os.environ.get("SOTTO_MODELS_DIR"):
+        candidates.append(Path(os.environ["SOTTO_MODELS_DIR"]))
+    else:
+        candidates.append(Path(__file__).resolve().parent.parent / "models")
+    for path in candidates:
+        if (path / "iab_content_taxonomy_3.1.tsv").is_file():
+            return path
+    raise PolicyError(
+        f"no Sotto models folder at {candidates[0]} (expected iab_content_taxonomy_3.1.tsv there); "
+        "pass the folder explicitly or set SOTTO_MODELS_DIR"
+    )
+
+
+def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise PolicyError(f"{path}: file not found")
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PolicyError(
+                f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}"
+            )
+        return [dict(row) for row in reader]
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """One IAB Content Taxonomy category."""
+
+    id: str
+    name: str
+    parent: str | None
+    tier1: str
+    tier1_id: str
+
+
+class Taxonomy:
+    """IAB Content Taxonomy 3.1, indexed by unique id."""
+
+    def __init__(self, categories: dict[str, Category]) -> None:
+        self._by_id = categories
+
+    @classmethod
+    def load(cls, path: Path) -> Taxonomy:
+        # The IAB file has a two-line header; the second line names the columns.
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if len(rows) < 3 or rows[1][:3] != ["Unique ID", "Parent", "Name"]:
+            raise PolicyError(f"{path}: not an IAB Content Taxonomy TSV (expected 'Unique ID, Parent, Name')")
+        raw = {r[0].strip(): (r[1].strip() or None, r[2].strip()) for r in rows[2:] if r and r[0].strip()}
+        categories: dict[str, Category] = {}
+        for cid, (parent, name) in raw.items():
+            root = cid
+            while raw[root][0] is not None:
+                root = raw[root][0]  # type: ignore[assignment]
+                if root not in raw:
+                    raise PolicyError(f"{path}: category {cid} has unknown ancestor {root}")
+            categories[cid] = Category(cid, name, parent, raw[root][1], root)
+        return cls(categories)
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._by_id
+
+    def __getitem__(self, cid: str) -> Category:
+        return self._by_id[cid]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def ancestors(self, cid: str) -> list[str]:
+        """The category itself followed by its ancestors up to tier 1."""
+        chain = [cid]
+        parent = self._by_id[cid].parent
+        while parent is not None:
+            chain.append(parent)
+            parent = self._by_id[parent].parent
+        return chain
+
+
+@dataclass(frozen=True, slots=True)
+class SensitiveEntry:
+    id: str
+    subtree: bool
+    cls: str
+    reason: str
+
+
+class SensitiveCategories:
+    """The reviewed list of taxonomy categories that may never be emitted or stored."""
+
+    def __init__(self, taxonomy: Taxonomy, entries: list[SensitiveEntry]) -> None:
+        self._taxonomy = taxonomy
+        self._entries = {e.id: e for e in entries}
+
+    @classmethod
+    def load(cls, path: Path, taxonomy: Taxonomy) -> SensitiveCategories:
+        entries = []
+        for n, row in enumerate(_read_tsv(path, ("id", "subtree", "class", "reason")), start=2):
+            cid = row["id"].strip()
+            if cid not in taxonomy:
+                raise PolicyError(f"{path}:{n}: {cid!r} is not an IAB {TAXONOMY_VERSION} category id")
+            if row["subtree"] not in ("yes", "no"):
+                raise PolicyError(f"{path}:{n}: subtree must be 'yes' or 'no', got {row['subtree']!r}")
+            if row["class"] not in (*SENSITIVE_CLASSES, "other"):
+                raise PolicyError(f"{path}:{n}: unknown class {row['class']!r}")
+            entries.append(SensitiveEntry(cid, row["subtree"] == "yes", row["class"], row["reason"]))
+        return cls(taxonomy, entries)
+
+    def match(self, cid: str) -> SensitiveEntry | None:
+        """The entry that makes ``cid`` sensitive, or None."""
+        if cid not in self._taxonomy:
+            return None
+        for depth, node in enumerate(self._taxonomy.ancestors(cid)):
+            entry = self._entries.get(node)
+            if entry is not None and (depth == 0 or entry.subtree):
+                return entry
+        return None
+
+    def __contains__(self, cid: object) -> bool:
+        return isinstance(cid, str) and self.match(cid) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRule:
+    region: str
+    rule: str
+    effective_from: dt.date
+    effective_to: dt.date | None
+    note: str
+
+
+class RegionPolicy:
+    """Regions from which no signal may be emitted or accepted, with effective dates.
+
+    A deployment changes the table (models/region_policy.tsv), never the code.
+    """
+
+    RULES = ("block",)
+
+    def __init__(self, rules: list[RegionRule]) -> None:
+        self._rules = rules
+
+    @classmethod
+    def load(cls, path: Path) -> RegionPolicy:
+        rules = []
+        for n, row in enumerate(
+            _read_tsv(path, ("region", "rule", "effective_from", "effective_to")), start=2
+        ):
+            region = row["region"].strip().upper()
+            if len(region) != 2 or not region.isalpha():
+                raise PolicyError(f"{path}:{n}: region must be ISO 3166-1 alpha-2, got {row['region']!r}")
+            if row["rule"] not in cls.RULES:
+                raise PolicyError(
+                    f"{path}:{n}: rule must be one of {', '.join(cls.RULES)}, got {row['rule']!r}"
+                )
+            try:
+                start = dt.date.fromisoformat(row["effective_from"])
+                end = dt.date.fromisoformat(row["effective_to"]) if row["effective_to"] else None
+            except ValueError as exc:
+                raise PolicyError(f"{path}:{n}: dates must be YYYY-MM-DD ({exc})") from None
+            rules.append(RegionRule(region, row["rule"], start, end, row.get("note") or ""))
+        return cls(rules)
+
+    def blocked(self, region: str, on: dt.date | None = None) -> RegionRule | None:
+        """The rule that blocks ``region`` on day ``on`` (today, UTC, by default), or None."""
+        day = on or dt.datetime.now(dt.UTC).date()
+        region = region.upper()
+        for rule in self._rules:
+            if (
+                rule.region == region
+                and rule.effective_from <= day
+                and (rule.effective_to is None or day < rule.effective_to)
+            ):
+                return rule
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything the device and the aggregator enforce, loaded from one models folder."""
+
+    taxonomy: Taxonomy
+    sensitive: SensitiveCategories
+    regions: RegionPolicy
+    interest_ids: frozenset[str]
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str] | None = None) -> Policy:
+        root = models_dir(folder)
+        taxonomy = Taxonomy.load(root / "iab_content_taxonomy_3.1.tsv")
+        sensitive = SensitiveCategories.load(root / "sensitive_categories.tsv", taxonomy)
+        regions = RegionPolicy.load(root / "region_policy.tsv")
+        interest_ids = set()
+        for n, row in enumerate(_read_tsv(root / "interest_categories.tsv", ("id",)), start=2):
+            cid = row["id"]
+            if cid not in taxonomy:
+                raise PolicyError(f"{root / 'interest_categories.tsv'}:{n}: unknown category id {cid!r}")
+            if cid in sensitive:
+                raise PolicyError(
+                    f"{root / 'interest_categories.tsv'}:{n}: category {cid} is on the sensitive list"
+                )
+            interest_ids.add(cid)
+        return cls(taxonomy, sensitive, regions, frozenset(interest_ids))

@@ -1,0 +1,106 @@
+"""The privacy filter: the only way from the classifier to the outbox.
+
+Order of checks, cheapest and strictest first: user opt-out, region policy (both before any audio is
+processed), then, per utterance, the sensitivity detector, then the interest threshold. A sensitive
+utterance yields no signal at all, not even for a benign part of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+
+from edge.classifier import ClassifierOutput
+from edge.policy import Policy, day_number
+
+DROP_REASONS = ("sensitive", "region", "opt_out", "no_speech", "no_interest")
+WEIGHT_LEVELS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class FilterOptions:
+    """Thresholds of the filter (the sensitivity threshold comes from the model's metadata)."""
+
+    #: Minimum probability for an interest category to become a signal.
+    min_confidence: float = 0.35
+    #: At most this many signals per utterance, best first.
+    max_signals: int = 2
+    #: Override the model's recall-first sensitivity threshold (lower = stricter).
+    sensitive_threshold: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Why an utterance produced no signal."""
+
+    reason: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """A signal that passed the filter: category, coarse weight and day."""
+
+    category_id: str
+    weight_level: int
+    day: int
+
+    @property
+    def weight(self) -> float:
+        return self.weight_level / WEIGHT_LEVELS
+
+
+def weight_level(probability: float) -> int:
+    """Quantize a probability into one of WEIGHT_LEVELS coarse levels (1..4)."""
+    return max(1, min(WEIGHT_LEVELS, math.ceil(probability * WEIGHT_LEVELS)))
+
+
+class PrivacyFilter:
+    """Applies the device policy to classifier outputs."""
+
+    def __init__(
+        self, policy: Policy, sensitive_threshold: float, options: FilterOptions | None = None
+    ) -> None:
+        self.policy = policy
+        self.options = options or FilterOptions()
+        self.sensitive_threshold = (
+            self.options.sensitive_threshold
+            if self.options.sensitive_threshold is not None
+            else sensitive_threshold
+        )
+        if not 0.0 < self.sensitive_threshold <= 1.0:
+            raise ValueError(f"sensitive threshold must be in (0, 1], got {self.sensitive_threshold}")
+        self.opted_out = False
+
+    def set_opt_out(self, opted_out: bool) -> None:
+        """The wearer's switch: while set, no utterance yields a signal."""
+        self.opted_out = opted_out
+
+    def gate(self, region: str, today: dt.date) -> Dropped | None:
+        """Checks that do not depend on what was said; a result means: do not even listen."""
+        if self.opted_out:
+            return Dropped("opt_out", "the wearer opted out of interest signals")
+        rule = self.policy.regions.blocked(region, today)
+        if rule is not None:
+            return Dropped("region", f"no profiling in {rule.region} ({rule.note})")
+        return None
+
+    def decide(self, output: ClassifierOutput, today: dt.date) -> list[Interest] | Dropped:
+        """Signals for one classified utterance, or why there are none."""
+        if output.sensitive >= self.sensitive_threshold:
+            return Dropped("sensitive", output.sensitive_class)
+        day = day_number(today)
+        signals: list[Interest] = []
+        for cid, prob in output.interests:
+            if prob < self.options.min_confidence or len(signals) >= self.options.max_signals:
+                break
+            # Belt and braces: the model's label set is checked at build time, and checked again here.
+            if cid not in self.policy.interest_ids or cid in self.policy.sensitive:
+                continue
+            if prob <= output.no_interest:
+                break
+            signals.append(Interest(cid, weight_level(prob), day))
+        if not signals:
+            return Dropped("no_interest", None)
+        return signals

@@ -1,0 +1,56 @@
+"""Signal encoding: filtered interests become protobuf batches, and nothing else does.
+
+The message types only have room for a category id, a coarse weight level and a day offset; the
+transcript and the audio have no field to go into.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+from edge.policy import TAXONOMY_VERSION
+from edge.privacy import WEIGHT_LEVELS, Interest
+from sotto.v1 import signals_pb2
+
+PROFILE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+REGION = re.compile(r"^[A-Z]{2}$")
+MAX_DAY_OFFSET = 30
+
+
+def new_batch_id() -> bytes:
+    """16 random bytes; a resent batch keeps the id it was given here."""
+    return os.urandom(16)
+
+
+def encode_batch(
+    profile_id: str, region: str, interests: Sequence[Interest], batch_id: bytes | None = None
+) -> signals_pb2.SignalBatch:
+    """Build one SignalBatch; raises ValueError on anything the aggregator would refuse."""
+    if not PROFILE_ID.match(profile_id):
+        raise ValueError(f"profile id {profile_id!r} must be 8 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    if not REGION.match(region):
+        raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
+    if not interests:
+        raise ValueError("a batch needs at least one signal")
+    base_day = max(i.day for i in interests)
+    batch = signals_pb2.SignalBatch(
+        batch_id=batch_id or new_batch_id(),
+        profile_id=profile_id,
+        region=region,
+        taxonomy_version=TAXONOMY_VERSION,
+        base_day=base_day,
+    )
+    for interest in interests:
+        offset = base_day - interest.day
+        if offset > MAX_DAY_OFFSET:
+            raise ValueError(
+                f"signal from day {interest.day} is more than {MAX_DAY_OFFSET} days older than the batch"
+            )
+        if not 1 <= interest.weight_level <= WEIGHT_LEVELS:
+            raise ValueError(f"weight level {interest.weight_level} outside 1..{WEIGHT_LEVELS}")
+        batch.signals.add(
+            category_id=interest.category_id, weight_level=interest.weight_level, day_offset=offset
+        )
+    return batch

@@ -1,0 +1,1 @@
+"""Sotto generated wire contract packages."""

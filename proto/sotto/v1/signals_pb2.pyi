@@ -1,0 +1,77 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Signal(_message.Message):
+    __slots__ = ("category_id", "weight_level", "day_offset")
+    CATEGORY_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DAY_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    category_id: str
+    weight_level: int
+    day_offset: int
+    def __init__(self, category_id: _Optional[str] = ..., weight_level: _Optional[int] = ..., day_offset: _Optional[int] = ...) -> None: ...
+
+class SignalBatch(_message.Message):
+    __slots__ = ("batch_id", "profile_id", "region", "taxonomy_version", "base_day", "signals")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    TAXONOMY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_DAY_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: bytes
+    profile_id: str
+    region: str
+    taxonomy_version: str
+    base_day: int
+    signals: _containers.RepeatedCompositeFieldContainer[Signal]
+    def __init__(self, batch_id: _Optional[bytes] = ..., profile_id: _Optional[str] = ..., region: _Optional[str] = ..., taxonomy_version: _Optional[str] = ..., base_day: _Optional[int] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("batch_id", "duplicate", "applied_signals")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: bytes
+    duplicate: bool
+    applied_signals: int
+    def __init__(self, batch_id: _Optional[bytes] = ..., duplicate: _Optional[bool] = ..., applied_signals: _Optional[int] = ...) -> None: ...
+
+class GetProfileRequest(_message.Message):
+    __slots__ = ("profile_id", "top_k")
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    profile_id: str
+    top_k: int
+    def __init__(self, profile_id: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class CategoryScore(_message.Message):
+    __slots__ = ("category_id", "name", "tier1", "score")
+    CATEGORY_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIER1_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    category_id: str
+    name: str
+    tier1: str
+    score: float
+    def __init__(self, category_id: _Optional[str] = ..., name: _Optional[str] = ..., tier1: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Profile(_message.Message):
+    __slots__ = ("profile_id", "taxonomy_version", "as_of_day", "scores", "batches")
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    TAXONOMY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_DAY_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    profile_id: str
+    taxonomy_version: str
+    as_of_day: int
+    scores: _containers.RepeatedCompositeFieldContainer[CategoryScore]
+    batches: int
+    def __init__(self, profile_id: _Optional[str] = ..., taxonomy_version: _Optional[str] = ..., as_of_day: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[CategoryScore, _Mapping]]] = ..., batches: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,151 @@
+"""Protobuf to domain values at the service boundary: every check a batch must pass before it is stored.
+
+Messages name the field and what was expected, and never echo a profile id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from edge.policy import TAXONOMY_VERSION
+from server.config import ServerConfig
+from server.decay import WEIGHT_LEVELS, date_of
+from server.store.base import Batch, Signal
+from sotto.v1 import signals_pb2
+
+BATCH_ID_BYTES = 16
+PROFILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+REGION_PATTERN = re.compile(r"[A-Z]{2}")
+MAX_DAY_OFFSET = 30
+#: base_day may be at most this many days after today (devices ahead of UTC) ...
+MAX_FUTURE_DAYS = 1
+#: ... and at most this many days before it (a device that was offline for a long time).
+MAX_PAST_DAYS = 400
+
+
+class ValidationError(ValueError):
+    """A request field is invalid; ``str(error)`` is the message for the client."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def accepted_days(today: int) -> tuple[int, int]:
+    """The oldest observation day and the newest base day a batch may carry on day ``today``."""
+    return today - MAX_PAST_DAYS - MAX_DAY_OFFSET, today + MAX_FUTURE_DAYS
+
+
+def validate_profile_id(profile_id: str) -> str:
+    """Return ``profile_id`` if it is 8 to 64 characters of ``[A-Za-z0-9_-]``, else raise."""
+    if not PROFILE_ID_PATTERN.fullmatch(profile_id):
+        raise ValidationError(
+            "profile_id",
+            f"profile_id must be 8 to 64 characters of A-Z, a-z, 0-9, '_' or '-' "
+            f"(^[A-Za-z0-9_-]{{8,64}}$); got {len(profile_id)} characters that do not match",
+        )
+    return profile_id
+
+
+def _validate_signal(n: int, msg: signals_pb2.Signal, base_day: int, config: ServerConfig) -> Signal:
+    field = f"signals[{n}]"
+    policy = config.policy
+    cid = msg.category_id
+    if cid not in policy.taxonomy:
+        raise ValidationError(
+            f"{field}.category_id",
+            f"{field}.category_id: unknown category {cid!r}; expected an IAB Content Taxonomy "
+            f"{TAXONOMY_VERSION} unique id",
+        )
+    sensitive = policy.sensitive.match(cid)
+    if sensitive is not None:
+        raise ValidationError(
+            f"{field}.category_id",
+            f"{field}.category_id: sensitive category {cid} ({policy.taxonomy[cid].name}; class "
+            f"{sensitive.cls}) may never be stored",
+        )
+    if cid not in policy.interest_ids:
+        raise ValidationError(
+            f"{field}.category_id",
+            f"{field}.category_id: category {cid} ({policy.taxonomy[cid].name}) is not an interest category "
+            f"this aggregator accepts (the {len(policy.interest_ids)} accepted ids are listed in "
+            "models/interest_categories.tsv)",
+        )
+    if msg.weight_level not in WEIGHT_LEVELS:
+        raise ValidationError(
+            f"{field}.weight_level",
+            f"{field}.weight_level must be one of {', '.join(map(str, WEIGHT_LEVELS))}; "
+            f"got {msg.weight_level}",
+        )
+    if msg.day_offset > MAX_DAY_OFFSET:
+        raise ValidationError(
+            f"{field}.day_offset",
+            f"{field}.day_offset must be at most {MAX_DAY_OFFSET} days before base_day; got {msg.day_offset}",
+        )
+    return Signal(category_id=cid, weight_level=msg.weight_level, day=base_day - msg.day_offset)
+
+
+def _digest(msg: signals_pb2.SignalBatch) -> bytes:
+    # Our own canonical form: protobuf serialisation is not guaranteed to be byte-stable, and the order
+    # of signals does not change what a batch means.
+    content = {
+        "profile_id": msg.profile_id,
+        "region": msg.region,
+        "taxonomy_version": msg.taxonomy_version,
+        "base_day": msg.base_day,
+        "signals": sorted([s.category_id, s.weight_level, s.day_offset] for s in msg.signals),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
+    """Check every field of ``msg`` against ``config`` and its policy; raise ``ValidationError`` or
+    return the domain ``Batch``."""
+    if len(msg.batch_id) != BATCH_ID_BYTES:
+        raise ValidationError(
+            "batch_id", f"batch_id must be exactly {BATCH_ID_BYTES} bytes; got {len(msg.batch_id)}"
+        )
+    validate_profile_id(msg.profile_id)
+    if not REGION_PATTERN.fullmatch(msg.region):
+        raise ValidationError(
+            "region",
+            f"region must be an ISO 3166-1 alpha-2 code in upper case, for example 'US'; got {msg.region!r}",
+        )
+    rule = config.policy.regions.blocked(msg.region, config.clock())
+    if rule is not None:
+        raise ValidationError("region", f"region {msg.region} does not allow profiling ({rule.note})")
+    if msg.taxonomy_version != TAXONOMY_VERSION:
+        raise ValidationError(
+            "taxonomy_version", f"taxonomy_version must be {TAXONOMY_VERSION!r}; got {msg.taxonomy_version!r}"
+        )
+    count, limit = len(msg.signals), config.max_signals_per_batch
+    if count == 0:
+        raise ValidationError("signals", f"signals: batch has no signals; expected 1 to {limit}")
+    if count > limit:
+        raise ValidationError("signals", f"oversize batch: {count} signals, at most {limit}")
+    today = config.today()
+    newest = today + MAX_FUTURE_DAYS
+    if msg.base_day > newest:
+        raise ValidationError(
+            "base_day",
+            f"base_day {msg.base_day} is in the future; expected at most {newest} ({date_of(newest)}, "
+            "tomorrow in UTC)",
+        )
+    oldest = today - MAX_PAST_DAYS
+    if msg.base_day < oldest:
+        raise ValidationError(
+            "base_day",
+            f"base_day {msg.base_day} is too old; expected at least {oldest} ({date_of(oldest)}, "
+            f"{MAX_PAST_DAYS} days ago)",
+        )
+    signals = tuple(_validate_signal(n, s, msg.base_day, config) for n, s in enumerate(msg.signals))
+    return Batch(
+        batch_id=msg.batch_id,
+        profile_id=msg.profile_id,
+        region=msg.region,
+        base_day=msg.base_day,
+        signals=signals,
+        digest=_digest(msg),
+    )

@@ -1,0 +1,137 @@
+"""Helpers of the end-to-end tests: a real aggregator process and a byte-capturing TCP proxy."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@contextlib.contextmanager
+def aggregator(db: Path, *extra: str) -> Iterator[str]:
+    """Run `python -m server serve` on a free loopback port; yield its HOST:PORT; SIGTERM it after."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--db",
+            f"sqlite:///{db}",
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening on "):
+            proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        yield line.split("listening on ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class CaptureProxy:
+    """Forwards loopback TCP to ``target`` and records every byte the client sent.
+
+    What it records is exactly what crossed the wire from device to aggregator (plaintext gRPC).
+    """
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._captured = bytearray()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def captured(self) -> bytes:
+        with self._lock:
+            return bytes(self._captured)
+
+    def __enter__(self) -> CaptureProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        self._listener.setblocking(False)
+        sel.register(self._listener, selectors.EVENT_READ, None)
+        peers: dict[socket.socket, tuple[socket.socket, bool]] = {}
+        while not self._stop.is_set():
+            for key, _ in sel.select(timeout=0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._listener:
+                    client, _addr = self._listener.accept()
+                    upstream = socket.create_connection(self._target)
+                    peers[client] = (upstream, True)
+                    peers[upstream] = (client, False)
+                    sel.register(client, selectors.EVENT_READ)
+                    sel.register(upstream, selectors.EVENT_READ)
+                    continue
+                other, from_client = peers[sock]
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    for s in (sock, other):
+                        with contextlib.suppress(KeyError, ValueError):
+                            sel.unregister(s)
+                        peers.pop(s, None)
+                        s.close()
+                    continue
+                if from_client:
+                    with self._lock:
+                        self._captured += data
+                other.sendall(data)
+        for s in list(peers):
+            s.close()
+        sel.close()
+
+
+def write_wav(path: Path, samples: list[int] | bytes, rate: int = 16000) -> Path:
+    """Write mono int16 PCM to a WAV file with the standard library."""
+    import wave
+
+    data = (
+        samples
+        if isinstance(samples, bytes)
+        else b"".join(int(s).to_bytes(2, "little", signed=True) for s in samples)
+    )
+    with wave.open(os.fspath(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(data)
+    return path

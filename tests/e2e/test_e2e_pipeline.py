@@ -1,0 +1,185 @@
+"""A spoken query becomes a merged interest profile: real server, real emulator, real audio.
+
+Starts `sotto-server serve` on SQLite, runs tools/emulate_device.py against it through a capturing
+TCP proxy with real recorded clips from shared/data plus spoken queries (espeak-ng), then checks the
+stored profiles against what the devices sent, and what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from e2e_testkit import ROOT, SHARED, CaptureProxy, aggregator, write_wav
+
+pytestmark = pytest.mark.e2e
+
+REAL_CLIPS = [
+    SHARED / "speech" / "asr_whisper_jfk" / "jfk.wav",
+    SHARED / "speech" / "asr_rhasspy_commands" / "turn_on_the_living_room_lamp.wav",
+    SHARED / "speech" / "asr_misc_librispeech" / "2412-153948-0000.flac",
+    SHARED / "speech" / "asr_pocketsphinx" / "cards_005.wav",
+]
+SPOKEN = {
+    "interest_flight.wav": "book me a flight to paris for next week",
+    "interest_shoes.wav": "where can i buy new running shoes",
+    "sensitive_chemo.wav": "what are the side effects of my chemotherapy",
+    "sensitive_rent.wav": "i cannot pay my rent this month, where can i get help",
+}
+
+
+def speak(text: str, out: Path) -> None:
+    espeak = shutil.which("espeak-ng")
+    assert espeak, (
+        "espeak-ng is required for the end-to-end test (apt-get install espeak-ng; .ci/run installs it)"
+    )
+    subprocess.run(
+        [espeak, "-v", "en-us", "-s", "150", "-w", str(out), text], check=True, capture_output=True
+    )
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    for clip in REAL_CLIPS:
+        assert clip.is_file(), f"{clip}: shared speech data is missing"
+        shutil.copyfile(clip, folder / clip.name)
+    for name, text in SPOKEN.items():
+        speak(text, folder / name)
+    rng = np.random.default_rng(5)
+    write_wav(folder / "silence.wav", bytes(16000 * 2 * 3))
+    noise = (rng.normal(0, 0.1, 16000 * 3) * 32767).clip(-32768, 32767).astype("<i2").tobytes()
+    write_wav(folder / "noise.wav", noise)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("run")
+    report = tmp / "report.json"
+    with aggregator(tmp / "sotto.db") as target, CaptureProxy(target) as proxy:
+        emulator = subprocess.run(
+            [
+                sys.executable,
+                "tools/emulate_device.py",
+                "--target",
+                proxy.address,
+                "--devices",
+                "2",
+                "--queries",
+                str(clips),
+                "--profile-prefix",
+                "e2e",
+                "--batch-size",
+                "2",
+                "--report",
+                str(report),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert emulator.returncode == 0, emulator.stderr
+        profiles = {}
+        for device in ("e2e-device-0001", "e2e-device-0002"):
+            out = subprocess.run(
+                [sys.executable, "-m", "server", "profile", "--target", target, device],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            profiles[device] = json.loads(out.stdout) if out.returncode == 0 else None
+        captured = proxy.captured
+    return {
+        "summary": json.loads(report.read_text()),
+        "profiles": profiles,
+        "captured": captured,
+        "stdout": emulator.stdout,
+    }
+
+
+def analyses(run: dict[str, object], device: str = "e2e-device-0001") -> dict[str, dict[str, object]]:
+    summary = run["summary"]
+    assert isinstance(summary, dict)
+    return {Path(a["input"]).name: a for a in summary["analyses"][device]}
+
+
+def test_every_utterance_went_through_the_pipeline(run: dict[str, object], clips: Path) -> None:
+    summary = run["summary"]
+    assert isinstance(summary, dict)
+    n_files = len(list(clips.iterdir()))
+    assert summary["utterances"] == 2 * n_files
+    assert summary["batches_pending"] == 0 and not summary["batches_rejected"]
+    assert "summary" in str(run["stdout"])
+    jfk = analyses(run)["jfk.wav"]["transcript"]
+    assert "ask not what your country can do for you" in re.sub(r"[^a-z ]", "", str(jfk).lower())
+
+
+def test_silence_and_noise_yield_no_signal(run: dict[str, object]) -> None:
+    got = analyses(run)
+    for name in ("silence.wav", "noise.wav"):
+        assert got[name]["signals"] == []
+        assert got[name]["dropped"] == {"reason": "no_speech", "detail": got[name]["dropped"]["detail"]}
+        assert got[name]["transcript"] is None
+
+
+def test_sensitive_spoken_queries_yield_no_signal(run: dict[str, object]) -> None:
+    got = analyses(run)
+    for name in ("sensitive_chemo.wav", "sensitive_rent.wav"):
+        assert got[name]["signals"] == [], got[name]
+        assert got[name]["dropped"]["reason"] == "sensitive", got[name]
+
+
+def test_interest_spoken_queries_yield_signals(run: dict[str, object]) -> None:
+    got = analyses(run)
+    assert got["interest_flight.wav"]["signals"][0]["tier1"] == "Travel"
+    assert got["interest_shoes.wav"]["signals"], got["interest_shoes.wav"]
+
+
+def test_stored_profiles_match_what_the_devices_sent(run: dict[str, object]) -> None:
+    summary = run["summary"]
+    profiles = run["profiles"]
+    assert isinstance(summary, dict) and isinstance(profiles, dict)
+    for device, profile in profiles.items():
+        sent: dict[str, float] = {}
+        for analysis in summary["analyses"][device]:
+            for s in analysis["signals"]:
+                sent[s["id"]] = sent.get(s["id"], 0.0) + s["weight"]
+        assert sent, "the demo clips must produce at least one signal"
+        assert profile is not None, f"no profile stored for {device}"
+        stored = {s["id"]: s["score"] for s in profile["scores"]}
+        assert set(stored) == set(sent)
+        # All signals are from today, so the decayed score equals the plain sum of weights.
+        for cid, weight in sent.items():
+            assert stored[cid] == pytest.approx(weight, rel=1e-6)
+
+
+def test_nothing_but_signals_crossed_the_wire(run: dict[str, object], clips: Path) -> None:
+    captured = run["captured"]
+    assert isinstance(captured, bytes) and len(captured) > 0
+    wire = captured.lower()
+    words = set()
+    for device in ("e2e-device-0001", "e2e-device-0002"):
+        for analysis in analyses(run, device).values():
+            words |= {
+                w for w in re.findall(r"[a-z']+", str(analysis["transcript"] or "").lower()) if len(w) >= 4
+            }
+    assert {"flight", "paris", "chemotherapy", "country"} <= words  # the transcripts were real
+    leaked = sorted(w for w in words if w.encode() in wire)
+    assert leaked == [], f"transcript words on the wire: {leaked}"
+    for clip in clips.glob("*.wav"):
+        with wave.open(str(clip)) as wav:
+            frames = wav.readframes(wav.getnframes())
+        for start in range(len(frames) // 4, len(frames) - 64, max(64, len(frames) // 8)):
+            window = frames[start : start + 32]
+            if any(window):
+                assert window not in captured, f"audio bytes of {clip.name} on the wire"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a local environment: OS packages (when root), a Python 3.11 virtualenv in .venv, and the
+# project with the extras given as arguments. Sourced by tools/test.sh and tools/demo.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SOTTO_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-server,tools,dev}"
+
+need_os=()
+command -v espeak-ng >/dev/null 2>&1 || need_os+=(espeak-ng)
+if [ ${#need_os[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing OS packages: ${need_os[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_os[@]}" >/dev/null
+  else
+    echo "missing OS packages: ${need_os[*]} (install them with your package manager, e.g. apt-get install ${need_os[*]})" >&2
+    exit 1
+  fi
+fi
+
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found %d.%d" % sys.version_info[:2])'
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e "$ROOT[$EXTRAS]"

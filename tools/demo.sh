@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The demo: an aggregator on SQLite, three emulated pairs of glasses speaking the demo queries and
+# real recorded clips through the real pipeline, then the profiles the aggregator merged.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/tools/bootstrap.sh" server,tools
+PYBIN="${SOTTO_VENV:-$ROOT/.venv}/bin"
+WORK="$(mktemp -d)"
+trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+cd "$ROOT"
+"$PYBIN/sotto-server" serve --db "sqlite:///$WORK/demo.db" --listen 127.0.0.1:0 > "$WORK/server.out" 2> "$WORK/server.log" &
+SERVER=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" 2>/dev/null && break; sleep 0.1; done
+TARGET="$(sed -n 's/^listening on //p' "$WORK/server.out")"
+[ -n "$TARGET" ] || { cat "$WORK/server.log" >&2; exit 1; }
+echo "aggregator listening on $TARGET (SQLite: $WORK/demo.db)"
+
+"$PYBIN/python" tools/emulate_device.py --target "$TARGET" --devices 3 --report "$WORK/report.json" "$@"
+
+for i in 1 2 3; do
+  echo
+  echo "profile emulated-device-000$i:"
+  "$PYBIN/sotto-server" profile --target "$TARGET" --top-k 5 "emulated-device-000$i" || true
+done

@@ -1,0 +1,356 @@
+"""Emulate many pairs of glasses against a real aggregator, through the real edge pipeline.
+
+    python tools/emulate_device.py --target 127.0.0.1:50051 --devices 5
+    python tools/emulate_device.py --target 127.0.0.1:50051 --queries my_queries.txt --text
+    python tools/emulate_device.py --target 127.0.0.1:50051 --queries clips/ --region US,DE --report out.json
+
+Each virtual device has a profile id, a region and a list of voice queries (audio files, or text lines
+spoken with espeak-ng when it is installed, or analysed as text with --text). Every utterance goes
+through speech gate, ASR, classifier and privacy filter; surviving signals are batched and sent with
+the device's client. The run ends with a summary (also as JSON with --report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.audio import AudioError  # noqa: E402
+from edge.client import DeliveryClient  # noqa: E402
+from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline  # noqa: E402
+from edge.signals import REGION  # noqa: E402
+
+DEMO_QUERIES = ROOT / "tools" / "demo" / "queries.txt"
+SHARED_SPEECH = ROOT.parent / "shared" / "data" / "speech"
+#: Real recorded clips added to the built-in demo when shared/data is present.
+DEMO_CLIPS = [
+    "asr_rhasspy_commands/turn_on_the_living_room_lamp.wav",
+    "asr_whisper_jfk/jfk.wav",
+    "asr_pocketsphinx/cards_005.wav",
+    "asr_misc_librispeech/2412-153948-0000.flac",
+]
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus"}
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One utterance: text to speak or analyse, or a recorded audio file."""
+
+    text: str | None = None
+    audio: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.audio) if self.audio else str(self.text)
+
+
+@dataclass(slots=True)
+class DeviceReport:
+    profile_id: str
+    region: str
+    utterances: int = 0
+    signals: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    analyses: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_queries(path: Path | None, include_clips: bool) -> list[Query]:
+    """Queries from a text file (one per line), a folder of audio files, or the built-in demo."""
+    if path is None:
+        queries = [Query(text=t) for t in _lines(DEMO_QUERIES)]
+        if include_clips:
+            queries += [Query(audio=SHARED_SPEECH / c) for c in DEMO_CLIPS if (SHARED_SPEECH / c).is_file()]
+        return queries
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
+        return [Query(audio=p) for p in files]
+    if path.is_file():
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            return [Query(audio=path)]
+        queries = [Query(text=t) for t in _lines(path)]
+        if not queries:
+            raise ValueError(f"{path}: no queries (expected one query per line)")
+        return queries
+    raise ValueError(f"{path}: no such file or folder")
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (give a text file with one query per line)") from None
+
+
+class Speaker:
+    """Text to speech with espeak-ng, cached per text (each spoken once per run)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = shutil.which("espeak-ng")
+        self.folder = folder
+        self._cache: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return self.binary is not None
+
+    def speak(self, text: str) -> Path:
+        with self._lock:
+            if text not in self._cache:
+                out = self.folder / f"utt{len(self._cache):05d}.wav"
+                subprocess.run(
+                    [self.binary or "espeak-ng", "-v", "en-us", "-s", "160", "-w", str(out), text],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+                self._cache[text] = out
+            return self._cache[text]
+
+
+def run_device(
+    device: Pipeline,
+    client: DeliveryClient,
+    queries: list[Query],
+    speaker: Speaker | None,
+    as_text: bool,
+    report: DeviceReport,
+    progress: Any,
+) -> None:
+    for query in queries:
+        started = time.perf_counter()
+        result: Analysis
+        try:
+            if query.audio is not None:
+                result = device.analyze_file(query.audio)
+            elif as_text or speaker is None:
+                result = device.analyze_text(query.text or "")
+            else:
+                result = device.analyze_file(speaker.speak(query.text or ""))
+                result = Analysis(
+                    query.label, result.transcript, result.signals, result.dropped, result.timings_ms
+                )
+        except AudioError as exc:
+            print(f"emulate_device: skipped {query.label}: {exc}", file=sys.stderr)
+            progress.update(1)
+            continue
+        report.latencies_ms.append((time.perf_counter() - started) * 1000)
+        report.utterances += 1
+        report.signals += len(result.signals)
+        if result.dropped:
+            report.dropped[result.dropped.reason] += 1
+        report.analyses.append(result.to_json(device.models.policy))
+        client.add(result.signals)
+        progress.update(1)
+    client.flush()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(
+    reports: list[DeviceReport], clients: list[DeliveryClient], wall_s: float, mode: str
+) -> dict[str, Any]:
+    dropped: Counter[str] = Counter()
+    for r in reports:
+        dropped.update(r.dropped)
+    latencies = [x for r in reports for x in r.latencies_ms]
+    ingest = [x for c in clients for x in c.stats.latencies_ms]
+    sent = sum(c.stats.signals_sent for c in clients)
+    wire = sum(c.stats.bytes_sent for c in clients)
+    rejected: Counter[str] = Counter()
+    for c in clients:
+        rejected.update(c.stats.rejected)
+    return {
+        "mode": mode,
+        "devices": len(reports),
+        "utterances": sum(r.utterances for r in reports),
+        "signals_produced": sum(r.signals for r in reports),
+        "signals_sent": sent,
+        "batches_sent": sum(c.stats.batches_sent for c in clients),
+        "batches_pending": sum(c.pending_batches for c in clients),
+        "batches_rejected": dict(rejected),
+        "retries": sum(c.stats.retries for c in clients),
+        "dropped": dict(sorted(dropped.items())),
+        "bytes_on_wire": wire,
+        "bytes_per_signal": round(wire / sent, 2) if sent else None,
+        "pipeline_ms_p50": percentile(latencies, 0.5),
+        "pipeline_ms_p95": percentile(latencies, 0.95),
+        "ingest_ms_p50": percentile(ingest, 0.5),
+        "ingest_ms_p99": percentile(ingest, 0.99),
+        "wall_s": round(wall_s, 2),
+        "profiles": [
+            {
+                "profile_id": r.profile_id,
+                "region": r.region,
+                "utterances": r.utterances,
+                "signals": r.signals,
+                "dropped": dict(r.dropped),
+            }
+            for r in reports
+        ],
+        "analyses": {r.profile_id: r.analyses for r in reports},
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} ms"
+
+    rows = [
+        ("mode", s["mode"]),
+        ("devices", s["devices"]),
+        ("utterances", s["utterances"]),
+        ("signals produced", s["signals_produced"]),
+        ("signals sent (acknowledged)", s["signals_sent"]),
+        ("batches sent / pending", f"{s['batches_sent']} / {s['batches_pending']}"),
+        ("batches rejected", ", ".join(f"{k}: {v}" for k, v in s["batches_rejected"].items()) or "0"),
+        ("dropped, by reason", ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "0"),
+        ("bytes on the wire", f"{s['bytes_on_wire']} ({s['bytes_per_signal'] or '-'} per signal)"),
+        ("pipeline latency p50 / p95", f"{ms(s['pipeline_ms_p50'])} / {ms(s['pipeline_ms_p95'])}"),
+        ("Ingest latency p50 / p99", f"{ms(s['ingest_ms_p50'])} / {ms(s['ingest_ms_p99'])}"),
+        ("wall time", f"{s['wall_s']} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\nSotto device emulator: summary")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="aggregator address")
+    p.add_argument("--devices", type=int, default=3, help="number of virtual devices (default: 3)")
+    p.add_argument(
+        "--queries",
+        type=Path,
+        default=None,
+        help="text file (one query per line) or folder of audio files (default: built-in demo)",
+    )
+    p.add_argument(
+        "--text", action="store_true", help="analyse text queries as text instead of speaking them"
+    )
+    p.add_argument(
+        "--region",
+        default="US",
+        help="ISO 3166-1 alpha-2 region; a comma list is assigned round-robin (default: US)",
+    )
+    p.add_argument(
+        "--per-device",
+        type=int,
+        default=0,
+        help="queries per device, drawn from the set (default: 0 = every query)",
+    )
+    p.add_argument("--profile-prefix", default="emulated", help="profile ids are PREFIX-device-NNNN")
+    p.add_argument("--batch-size", type=int, default=20, help="signals per batch (default: 20)")
+    p.add_argument("--workers", type=int, default=2, help="devices run concurrently (default: 2)")
+    p.add_argument("--timeout", type=float, default=5.0, help="Ingest deadline in seconds (default: 5)")
+    p.add_argument("--seed", type=int, default=7, help="seed for drawing queries (default: 7)")
+    p.add_argument(
+        "--no-clips", action="store_true", help="leave the real recorded clips out of the demo set"
+    )
+    p.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
+    p.add_argument("--report", type=Path, default=None, help="write the summary as JSON to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    regions = [r.strip().upper() for r in args.region.split(",") if r.strip()]
+    if not regions or not all(REGION.match(r) for r in regions):
+        parser.error(f"--region {args.region!r}: expected ISO 3166-1 alpha-2 codes such as US or US,DE")
+    if args.devices < 1 or args.workers < 1 or args.batch_size < 1 or args.per_device < 0:
+        parser.error("--devices, --workers and --batch-size must be at least 1; --per-device at least 0")
+    try:
+        queries = load_queries(args.queries, include_clips=not args.no_clips)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.report is not None and not args.report.parent.is_dir():
+        parser.error(f"--report {args.report}: folder {args.report.parent} does not exist")
+
+    from tqdm import tqdm
+
+    models = EdgeModels(EdgeConfig(models_dir=args.models))
+    needs_audio = any(q.audio for q in queries) or not args.text
+    with tempfile.TemporaryDirectory(prefix="sotto-emu-") as tmp:
+        speaker = Speaker(Path(tmp))
+        if not args.text and not speaker.available and any(q.text for q in queries):
+            print(
+                "emulate_device: espeak-ng is not installed; analysing text queries as text "
+                "(install espeak-ng to speak them, or pass --text)",
+                file=sys.stderr,
+            )
+        as_text = args.text or not speaker.available
+        mode = (
+            "text" if as_text and not any(q.audio for q in queries) else ("audio" if not as_text else "mixed")
+        )
+        if needs_audio:
+            models.load_audio_models()
+        rng = random.Random(args.seed)
+        channel = grpc.insecure_channel(args.target)
+        devices, clients, reports, plans = [], [], [], []
+        for i in range(args.devices):
+            region = regions[i % len(regions)]
+            profile = f"{args.profile_prefix}-device-{i + 1:04d}"
+            plan = (
+                rng.sample(queries, k=min(args.per_device, len(queries)))
+                if args.per_device
+                else list(queries)
+            )
+            devices.append(Pipeline(models, region=region))
+            clients.append(
+                DeliveryClient(
+                    profile, region, channel=channel, batch_size=args.batch_size, timeout_s=args.timeout
+                )
+            )
+            reports.append(DeviceReport(profile, region))
+            plans.append(plan)
+        started = time.perf_counter()
+        with (
+            tqdm(total=sum(len(p) for p in plans), unit="utt", desc="utterances", file=sys.stderr) as bar,
+            ThreadPoolExecutor(max_workers=args.workers) as pool,
+        ):
+            futures = [
+                pool.submit(run_device, d, c, p, speaker, as_text, r, bar)
+                for d, c, p, r in zip(devices, clients, plans, reports, strict=True)
+            ]
+            for fut in futures:
+                fut.result()
+        summary = summarize(reports, clients, time.perf_counter() - started, mode)
+        channel.close()
+    print_summary(summary)
+    if args.report is not None:
+        args.report.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    ok = summary["batches_pending"] == 0 and not summary["batches_rejected"]
+    if not ok:
+        print("emulate_device: some batches were not delivered (see the summary)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

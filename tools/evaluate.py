@@ -1,0 +1,252 @@
+"""Evaluate the shipped classifier and privacy filter on held-out data (never trained on).
+
+    python tools/evaluate.py                 # print figures, confusion per class
+    python tools/evaluate.py --write-card    # also write them into models/MODEL_CARD.md
+    python tools/evaluate.py --baseline      # add a TF-IDF + logistic-regression baseline (needs [train])
+
+The decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.pipeline import EdgeConfig, EdgeModels, Pipeline  # noqa: E402
+from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
+from tools import modeldata  # noqa: E402
+
+DAY = dt.date(2026, 6, 1)
+CARD_START, CARD_END = "<!-- evaluate.py:start -->", "<!-- evaluate.py:end -->"
+TARGETS = {
+    "interest_tier1_accuracy": (">=", 0.85),
+    "no_interest_silent_rate": (">=", 0.90),
+    "sensitive_leak_rate": ("<=", 0.01),
+    "sensitive_leak_rate_worst_class": ("<=", 0.01),
+    "benign_interest_dropped_as_sensitive": ("<=", 0.05),
+    "classify_filter_p50_ms": ("<=", 10.0),
+    "model_files_mb": ("<=", 30.0),
+}
+
+
+def decisions(examples: list[modeldata.Example], models: EdgeModels) -> list[tuple[str | None, str | None]]:
+    """(top signal id or None, drop reason or None) for each example."""
+    device = Pipeline(models, region="US")
+    out = []
+    for ex in examples:
+        result = device.analyze_text(ex.text, today=DAY)
+        top = result.signals[0].category_id if result.signals else None
+        out.append((top, result.dropped.reason if result.dropped else None))
+    return out
+
+
+def metrics(
+    examples: list[modeldata.Example], got: list[tuple[str | None, str | None]], policy: Policy
+) -> dict[str, Any]:
+    tier1 = {cid: policy.taxonomy[cid].tier1 for cid in policy.interest_ids}
+    interest = [
+        (e, g)
+        for e, g in zip(examples, got, strict=True)
+        if e.sensitive == "none" and e.interest not in (None, "none")
+    ]
+    silent = [
+        (e, g) for e, g in zip(examples, got, strict=True) if e.sensitive == "none" and e.interest == "none"
+    ]
+    sensitive = [(e, g) for e, g in zip(examples, got, strict=True) if e.sensitive != "none"]
+    benign = [(e, g) for e, g in zip(examples, got, strict=True) if e.sensitive == "none"]
+    per_class: dict[str, list[bool]] = defaultdict(list)
+    for e, g in sensitive:
+        per_class[e.sensitive].append(g[0] is not None)
+    leak_by_class = {c: (sum(v) / len(v), len(v)) for c, v in sorted(per_class.items())}
+    mixed = [g[0] is not None for e, g in sensitive if e.mixed]
+    return {
+        "counts": {
+            "interest": len(interest),
+            "no_interest": len(silent),
+            "sensitive": len(sensitive),
+            "benign": len(benign),
+        },
+        "interest_tier1_accuracy": sum(
+            g[0] is not None and tier1[g[0]] == tier1[e.interest]  # type: ignore[index]
+            for e, g in interest
+        )
+        / len(interest),
+        "interest_tier2_accuracy": sum(g[0] == e.interest for e, g in interest) / len(interest),
+        "no_interest_silent_rate": sum(g[0] is None for e, g in silent) / len(silent),
+        "sensitive_leak_rate": sum(g[0] is not None for e, g in sensitive) / len(sensitive),
+        "sensitive_leak_rate_worst_class": max(v[0] for v in leak_by_class.values()),
+        "sensitive_leak_rate_mixed": sum(mixed) / max(1, len(mixed)),
+        "leak_by_class": leak_by_class,
+        "benign_interest_dropped_as_sensitive": sum(g[1] == "sensitive" for e, g in interest) / len(interest),
+        "benign_dropped_as_sensitive": sum(g[1] == "sensitive" for e, g in benign) / len(benign),
+        "tier1_confusion": Counter(
+            (tier1[e.interest], tier1[g[0]] if g[0] else f"<{g[1]}>")  # type: ignore[index]
+            for e, g in interest
+            if g[0] is None or tier1[g[0]] != tier1[e.interest]  # type: ignore[index]
+        ).most_common(12),
+    }
+
+
+def latency_ms(models: EdgeModels, texts: list[str], repeats: int = 3) -> tuple[float, float]:
+    device = Pipeline(models, region="US")
+    device.analyze_text("warm up the session", today=DAY)
+    times = []
+    for _ in range(repeats):
+        for text in texts:
+            t0 = time.perf_counter()
+            device.analyze_text(text, today=DAY)
+            times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return statistics.median(times), times[int(0.95 * (len(times) - 1))]
+
+
+def baseline(
+    examples: list[modeldata.Example],
+    evals: list[modeldata.Example],
+    policy: Policy,
+    threshold_recall: float = 0.995,
+) -> dict[str, Any]:
+    """TF-IDF word+char n-grams with logistic regression, same labels and recall-first threshold."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline, make_union
+
+    from edge.classifier import normalize_text
+
+    train = [e for e in examples if e.split == "train"]
+    feats = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=3, sublinear_tf=True),
+    )
+    x_text = [normalize_text(e.text) for e in train]
+    sen = make_pipeline(feats, LogisticRegression(max_iter=2000, C=4.0, class_weight="balanced"))
+    y_sen = np.array([e.sensitive != "none" for e in train])
+    oof = cross_val_predict(sen, x_text, y_sen, cv=5, method="predict_proba")[:, 1]
+    scores = np.sort(oof[y_sen])
+    thr = float(scores[int((1 - threshold_recall) * len(scores))])
+    sen.fit(x_text, y_sen)
+    rows = [i for i, e in enumerate(train) if e.interest is not None and e.sensitive == "none"]
+    interest = make_pipeline(feats, LogisticRegression(max_iter=2000, C=8.0))
+    interest.fit([x_text[i] for i in rows], [train[i].interest for i in rows])
+    ev_text = [normalize_text(e.text) for e in evals]
+    p_sen = sen.predict_proba(ev_text)[:, 1]
+    p_int = interest.predict_proba(ev_text)
+    labels = list(interest.classes_)
+    got: list[tuple[str | None, str | None]] = []
+    for ps, pi in zip(p_sen, p_int, strict=True):
+        best = labels[int(np.argmax(pi))]
+        if ps >= thr:
+            got.append((None, "sensitive"))
+        elif best == "none" or pi.max() < 0.35:
+            got.append((None, "no_interest"))
+        else:
+            got.append((best, None))
+    return metrics(evals, got, policy)
+
+
+def check(name: str, value: float) -> str:
+    op, target = TARGETS[name]
+    ok = value >= target if op == ">=" else value <= target
+    return f"{'meets' if ok else 'MISSES'} {op} {target:g}"
+
+
+def render(m: dict[str, Any], lat: tuple[float, float], size_mb: float, base: dict[str, Any] | None) -> str:
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    c = m["counts"]
+    lines = [
+        f"Held-out evaluation: {c['interest']} interest, {c['no_interest']} no-interest, "
+        f"{c['sensitive']} sensitive "
+        f"queries ({c['benign']} benign in all). Command: `python tools/evaluate.py --write-card`.",
+        "",
+        "| metric | shipped model | baseline (TF-IDF + LR) | target |",
+        "| --- | --- | --- | --- |",
+    ]
+    rows = [
+        ("interest queries: top signal's tier-1 correct", "interest_tier1_accuracy"),
+        ("interest queries: top signal's exact category correct", "interest_tier2_accuracy"),
+        ("no-interest queries: no signal emitted", "no_interest_silent_rate"),
+        ("sensitive queries: any signal emitted (leak), overall", "sensitive_leak_rate"),
+        ("sensitive queries: leak, worst class", "sensitive_leak_rate_worst_class"),
+        ("sensitive mixed queries (benign request + sensitive detail): leak", "sensitive_leak_rate_mixed"),
+        ("benign interest queries dropped as sensitive", "benign_interest_dropped_as_sensitive"),
+        ("all benign queries dropped as sensitive", "benign_dropped_as_sensitive"),
+    ]
+    for label, key in rows:
+        target = check(key, m[key]) if key in TARGETS else ""
+        lines.append(f"| {label} | {pct(m[key])} | {pct(base[key]) if base else 'not run'} | {target} |")
+    lines.append(
+        f"| classify + filter one query, p50 / p95, 1 thread | {lat[0]:.2f} / {lat[1]:.2f} ms | | "
+        f"{check('classify_filter_p50_ms', lat[0])} |"
+    )
+    lines.append(
+        f"| model files on disk (classifier + tokenizer) | {size_mb:.1f} MB | | "
+        f"{check('model_files_mb', size_mb)} |"
+    )
+    lines += [
+        "",
+        "Leak rate per sensitivity class (held-out):",
+        "",
+        "| class | leak | queries |",
+        "| --- | --- | --- |",
+    ]
+    for cls in SENSITIVE_CLASSES:
+        rate, n = m["leak_by_class"].get(cls, (0.0, 0))
+        lines.append(f"| {cls} | {pct(rate)} | {n} |")
+    lines += ["", "Most frequent tier-1 errors on interest queries (expected -> got):", ""]
+    lines += [f"- {a} -> {b}: {n}" for (a, b), n in m["tier1_confusion"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--write-card", action="store_true", help="update models/MODEL_CARD.md")
+    parser.add_argument("--baseline", action="store_true", help="also train and score the TF-IDF baseline")
+    parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    models = EdgeModels(EdgeConfig(models_dir=str(args.models), classifier_threads=1))
+    examples = modeldata.load_all()
+    evals = [e for e in examples if e.split == "eval"]
+    got = decisions(evals, models)
+    m = metrics(evals, got, models.policy)
+    lat = latency_ms(models, [e.text for e in evals[:: max(1, len(evals) // 300)]])
+    meta = json.loads((args.models / "classifier.json").read_text())
+    size_mb = sum((args.models / f).stat().st_size for f in meta["files"].values()) / 1e6
+    base = baseline(examples, evals, models.policy) if args.baseline else None
+    report = render(m, lat, size_mb, base)
+    print(report)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"model": m, "baseline": base, "latency_ms": lat, "size_mb": size_mb}, indent=2, default=str
+            )
+        )
+    if args.write_card:
+        card = args.models / "MODEL_CARD.md"
+        text = card.read_text(encoding="utf-8")
+        if CARD_START not in text or CARD_END not in text:
+            sys.exit(f"{card}: markers {CARD_START} / {CARD_END} not found")
+        head, rest = text.split(CARD_START, 1)
+        _, tail = rest.split(CARD_END, 1)
+        card.write_text(f"{head}{CARD_START}\n{report}\n{CARD_END}{tail}", encoding="utf-8")
+        print(f"updated {card}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Training and evaluation data for the classifier, assembled from reviewable files.
+
+Sources (all under shared/data or tools/data):
+- CLINC150 and HWU64 voice-assistant queries, relabelled by tools/data/intent_map_*.tsv
+  (intent -> IAB 3.1 id | none | sensitive:<class> | exclude); their own train/test splits are kept.
+- Hand-written voice queries in tools/data/handwritten/ (interest, no interest, sensitive, benign hard
+  negatives); a stable hash of the text puts 20% of them in the held-out evaluation split.
+- MedQuAD health questions and BBQ context sentences, sampled deterministically.
+
+Each example carries an interest label (category id, "none", or None when unknown) and a sensitivity
+label ("none" or a class). Unknown interest labels are masked out of the interest loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tools" / "data"
+SHARED = Path(os.environ.get("SOTTO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+NONE = "none"
+
+BBQ_CLASSES = {
+    "Religion.jsonl": "religion",
+    "Sexual_orientation.jsonl": "sexual_orientation",
+    "Disability_status.jsonl": "disability",
+    "Nationality.jsonl": "ethnicity",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    text: str
+    interest: str | None  # category id, "none", or None (unknown: not used for the interest head)
+    sensitive: str  # "none" or a sensitivity class
+    source: str
+    split: str  # "train" or "eval"
+    mixed: bool = False
+
+
+def _hash_split(text: str, eval_share: int = 5) -> str:
+    """Stable 1-in-``eval_share`` held-out split by text hash (independent of file order)."""
+    h = int.from_bytes(hashlib.sha256(text.lower().encode()).digest()[:4], "big")
+    return "eval" if h % eval_share == 0 else "train"
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def _intent_labels(path: Path) -> dict[str, str]:
+    return {row["intent"]: row["label"] for row in _read_tsv(path)}
+
+
+def _labels_from_map(label: str) -> tuple[str | None, str] | None:
+    if label == "exclude":
+        return None
+    if label.startswith("sensitive:"):
+        return None, label.split(":", 1)[1]
+    return label, NONE
+
+
+def clinc150() -> list[Example]:
+    mapping = _intent_labels(DATA / "intent_map_clinc150.tsv")
+    raw = json.loads((SHARED / "queries" / "clinc150" / "data_full.json").read_text())
+    out = []
+    for part, split in (("train", "train"), ("val", "train"), ("test", "eval")):
+        for text, intent in raw[part]:
+            labels = _labels_from_map(mapping[intent])
+            if labels is not None:
+                out.append(Example(text, labels[0], labels[1], f"clinc150:{intent}", split))
+    return out
+
+
+def hwu64() -> list[Example]:
+    mapping = _intent_labels(DATA / "intent_map_hwu64.tsv")
+    out = []
+    with (SHARED / "queries" / "hwu64" / "hwu64_all.csv").open(encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh, delimiter=";"):
+            intent = f"{row['scenario']}_{row['intent']}"
+            labels = _labels_from_map(mapping[intent])
+            text = row["answer_from_anno"].strip()
+            if labels is not None and text:
+                split = "eval" if row["split"].strip() == "test" else "train"
+                out.append(Example(text, labels[0], labels[1], f"hwu64:{intent}", split))
+    return out
+
+
+def handwritten() -> list[Example]:
+    out = []
+    folder = DATA / "handwritten"
+    for path in sorted(folder.glob("interest_queries_*.tsv")):
+        out += [
+            Example(r["text"], r["category_id"], NONE, path.stem, _hash_split(r["text"]))
+            for r in _read_tsv(path)
+        ]
+    for path in sorted(folder.glob("no_interest_queries_*.tsv")):
+        out += [Example(r["text"], NONE, NONE, path.stem, _hash_split(r["text"])) for r in _read_tsv(path)]
+    for path in sorted(folder.glob("benign_hard_negatives_*.tsv")):
+        out += [Example(r["text"], None, NONE, path.stem, _hash_split(r["text"])) for r in _read_tsv(path)]
+    for path in sorted(folder.glob("sensitive_queries_*.tsv")):
+        out += [
+            Example(r["text"], None, r["class"], path.stem, _hash_split(r["text"]), mixed=r["mixed"] == "1")
+            for r in _read_tsv(path)
+        ]
+    return out
+
+
+def medquad(n_train: int = 3000, n_eval: int = 600, seed: int = 13) -> list[Example]:
+    with (SHARED / "sensitive" / "medquad" / "medquad_questions.csv").open(
+        encoding="utf-8", newline=""
+    ) as fh:
+        questions = sorted({row["question"].strip() for row in csv.DictReader(fh) if row["question"].strip()})
+    rng = random.Random(seed)
+    rng.shuffle(questions)
+    return [
+        Example(q, None, "health", "medquad", "train" if i < n_train else "eval")
+        for i, q in enumerate(questions[: n_train + n_eval])
+    ]
+
+
+def bbq(per_class: int = 500, seed: int = 13) -> list[Example]:
+    out = []
+    for name, cls in BBQ_CLASSES.items():
+        with (SHARED / "sensitive" / "bbq" / name).open(encoding="utf-8") as fh:
+            contexts = sorted({json.loads(line)["context"].strip() for line in fh if line.strip()})
+        rng = random.Random(f"{seed}:{name}")
+        rng.shuffle(contexts)
+        out += [Example(c, None, cls, f"bbq:{cls}", _hash_split(c)) for c in contexts[:per_class]]
+    return out
+
+
+def load_all() -> list[Example]:
+    """Every example, deduplicated by lowercase text (the first occurrence wins, eval before train)."""
+    examples = clinc150() + hwu64() + handwritten() + medquad() + bbq()
+    examples.sort(key=lambda e: e.split != "eval")  # keep held-out copies when a text appears twice
+    seen: set[str] = set()
+    unique = []
+    for ex in examples:
+        key = ex.text.lower().strip()
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(ex)
+    unique.sort(key=lambda e: (e.split, e.source, e.text))
+    return unique
+
+
+def summary(examples: list[Example]) -> str:
+    counts = Counter((e.split, e.source.split(":")[0]) for e in examples)
+    return "\n".join(f"{split:5s} {source:28s} {n:6d}" for (split, source), n in sorted(counts.items()))
