@@ -29,6 +29,7 @@ _EXPORTS = {
     "load_audio": "edge.audio",
     "encode_batch": "edge.signals",
     "DeliveryClient": "edge.client",
+    "TlsOptions": "edge.client",
     "Policy": "edge.policy",
 }
 

@@ -68,7 +68,7 @@ def resolve_model(options: AsrOptions) -> Path:
         raise ModelError(f"{path}: not a CTranslate2 Whisper model directory (no model.bin)")
     if expected is not None:
         actual = sha256_file(model_bin)
-        if actual != expected:
+        if actual != expected.strip().lower():
             raise ModelError(
                 f"{model_bin}: SHA-256 {actual} does not match the pinned {expected}; refusing to load it"
             )

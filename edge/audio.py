@@ -83,9 +83,13 @@ class PcmStream:
         self._buf += chunk
 
     def finish(self) -> Audio:
-        """Return the utterance and reset the buffer for the next one."""
+        """Return the utterance and reset the buffer (and ``truncated``) for the next one.
+
+        Read ``truncated`` before calling this to know whether the utterance was cut.
+        """
         data = bytes(self._buf)
         if len(data) % _BYTES_PER_SAMPLE:
             data = data[:-1]
         self._buf.clear()
+        self.truncated = False
         return pcm16_to_audio(data)

@@ -100,7 +100,6 @@ class TextClassifier:
 
         self._tokenizer = Tokenizer.from_file(str(paths["tokenizer"]))
         self._tokenizer.enable_truncation(self.meta.max_tokens)
-        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
 
         import onnxruntime as ort
 
@@ -113,12 +112,23 @@ class TextClassifier:
         self._none_sensitive = self.meta.sensitive_labels.index(NONE_LABEL)
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (interest, sensitivity) probability matrices for already normalized texts."""
-        encodings = self._tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        interest, sensitive = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return interest, sensitive
+        """Raw (interest, sensitivity) probability matrices for already normalized texts.
+
+        Each text runs alone: the int8 model quantizes activations with one scale per tensor, so padding
+        and neighbours in a batch would shift a text's scores. The device classifies one utterance at a
+        time, and the sensitivity threshold was calibrated the same way.
+        """
+        interest, sensitive = [], []
+        for text in texts:
+            enc = self._tokenizer.encode(text)
+            feeds = {
+                "input_ids": np.array([enc.ids], dtype=np.int64),
+                "attention_mask": np.array([enc.attention_mask], dtype=np.int64),
+            }
+            p_int, p_sen = self._session.run(None, feeds)
+            interest.append(p_int[0])
+            sensitive.append(p_sen[0])
+        return np.stack(interest), np.stack(sensitive)
 
     def classify_batch(self, texts: list[str]) -> list[ClassifierOutput]:
         normalized = [normalize_text(t) or "." for t in texts]

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
-    """All inputs in order, checked before any model loads."""
+    """All inputs (texts, then text files, audio, PCM), checked before any model loads."""
     items: list[tuple[str, str | Path]] = [("text", t) for t in args.text]
     for path in args.text_file:
         try:

@@ -17,9 +17,8 @@ from typing import Any
 from edge.asr import AsrOptions, Transcriber
 from edge.audio import Audio, load_audio
 from edge.classifier import TextClassifier
-from edge.policy import Policy, models_dir
+from edge.policy import REGION_PATTERN, Policy, models_dir
 from edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
-from edge.signals import REGION
 from edge.vad import SpeechGate, SpeechGateOptions
 
 
@@ -105,7 +104,7 @@ class Pipeline:
 
     def __init__(self, models: EdgeModels, region: str = "US", opted_out: bool = False) -> None:
         region = region.upper()
-        if not REGION.match(region):
+        if not REGION_PATTERN.fullmatch(region):
             raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
         self.models = models
         self.region = region

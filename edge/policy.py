@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,12 @@ SENSITIVE_CLASSES: tuple[str, ...] = (
 
 
 EPOCH = dt.date(1970, 1, 1)
+
+# Wire-format rules shared by the device (before sending) and the aggregator (before storing).
+PROFILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+REGION_PATTERN = re.compile(r"[A-Z]{2}")
+#: A batch may carry signals at most this many days older than its base_day.
+MAX_DAY_OFFSET = 30
 
 
 def day_number(date: dt.date) -> int:
@@ -67,9 +74,11 @@ def models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     )
 
 
-def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def _read_tsv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a TSV with their line numbers; every required column must have a value."""
     if not path.is_file():
         raise PolicyError(f"{path}: file not found")
+    rows = []
     with path.open(encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
@@ -77,7 +86,13 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
             raise PolicyError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}"
             )
-        return [dict(row) for row in reader]
+        for row in reader:
+            # csv skips blank lines, so the reader's own line counter is the one to report.
+            empty = [c for c in required if row.get(c) is None]
+            if empty:
+                raise PolicyError(f"{path}:{reader.line_num}: no value for {', '.join(empty)}")
+            rows.append((reader.line_num, dict(row)))
+    return rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +167,7 @@ class SensitiveCategories:
     @classmethod
     def load(cls, path: Path, taxonomy: Taxonomy) -> SensitiveCategories:
         entries = []
-        for n, row in enumerate(_read_tsv(path, ("id", "subtree", "class", "reason")), start=2):
+        for n, row in _read_tsv(path, ("id", "subtree", "class", "reason")):
             cid = row["id"].strip()
             if cid not in taxonomy:
                 raise PolicyError(f"{path}:{n}: {cid!r} is not an IAB {TAXONOMY_VERSION} category id")
@@ -200,9 +215,7 @@ class RegionPolicy:
     @classmethod
     def load(cls, path: Path) -> RegionPolicy:
         rules = []
-        for n, row in enumerate(
-            _read_tsv(path, ("region", "rule", "effective_from", "effective_to")), start=2
-        ):
+        for n, row in _read_tsv(path, ("region", "rule", "effective_from", "effective_to")):
             region = row["region"].strip().upper()
             if len(region) != 2 or not region.isalpha():
                 raise PolicyError(f"{path}:{n}: region must be ISO 3166-1 alpha-2, got {row['region']!r}")
@@ -248,7 +261,7 @@ class Policy:
         sensitive = SensitiveCategories.load(root / "sensitive_categories.tsv", taxonomy)
         regions = RegionPolicy.load(root / "region_policy.tsv")
         interest_ids = set()
-        for n, row in enumerate(_read_tsv(root / "interest_categories.tsv", ("id",)), start=2):
+        for n, row in _read_tsv(root / "interest_categories.tsv", ("id",)):
             cid = row["id"]
             if cid not in taxonomy:
                 raise PolicyError(f"{root / 'interest_categories.tsv'}:{n}: unknown category id {cid!r}")

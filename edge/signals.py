@@ -7,16 +7,11 @@ transcript and the audio have no field to go into.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 
-from edge.policy import TAXONOMY_VERSION
+from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, REGION_PATTERN, TAXONOMY_VERSION
 from edge.privacy import WEIGHT_LEVELS, Interest
 from sotto.v1 import signals_pb2
-
-PROFILE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-REGION = re.compile(r"^[A-Z]{2}$")
-MAX_DAY_OFFSET = 30
 
 
 def new_batch_id() -> bytes:
@@ -27,10 +22,14 @@ def new_batch_id() -> bytes:
 def encode_batch(
     profile_id: str, region: str, interests: Sequence[Interest], batch_id: bytes | None = None
 ) -> signals_pb2.SignalBatch:
-    """Build one SignalBatch; raises ValueError on anything the aggregator would refuse."""
-    if not PROFILE_ID.match(profile_id):
+    """Build one SignalBatch; raises ValueError on a malformed profile id, region, weight or day.
+
+    Category and region *policy* is not checked here: the privacy filter enforces it before a signal
+    exists, and the aggregator enforces it again before anything is stored.
+    """
+    if not PROFILE_ID_PATTERN.fullmatch(profile_id):
         raise ValueError(f"profile id {profile_id!r} must be 8 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
-    if not REGION.match(region):
+    if not REGION_PATTERN.fullmatch(region):
         raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
     if not interests:
         raise ValueError("a batch needs at least one signal")

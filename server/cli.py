@@ -1,4 +1,5 @@
-"""``sotto-server``: run the aggregator (``serve``) or print one profile (``profile``)."""
+"""``sotto-server``: run the aggregator (``serve``), query or erase profiles on a running one (``profile``,
+``delete``, ``audience``) and manage bearer tokens in its database (``token issue``, ``token revoke``)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,29 @@ import sys
 from collections.abc import Callable, Sequence
 
 import grpc
+from google.protobuf.message import Message
 
 from edge.policy import Policy
-from server.config import ServerConfig
+from server.admin import AdminConnection
+from server.auth import admin_credential, device_credential, new_token
+from server.config import ServerConfig, ServerTls
 from server.service import create_server
-from server.store import open_store
+from server.store import StoreError, open_store
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the ``None`` of options whose help explains the fallback."""
+    """Shows defaults, except the ``None`` and ``False`` of options whose help explains the fallback."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -65,34 +72,43 @@ def _number(
     return parse
 
 
+def _env_name(flag: str) -> str:
+    return "SOTTO_" + flag.removeprefix("--").replace("-", "_").upper()
+
+
 def _option(
     parser: argparse.ArgumentParser,
     flag: str,
     metavar: str,
-    default: str,
+    default: str | None,
     help: str,
     parse: Callable[[str], object] = str,
 ) -> None:
     """An option whose default comes from $SOTTO_<FLAG> when set (argparse applies ``parse`` to it too)."""
-    env = "SOTTO_" + flag.removeprefix("--").replace("-", "_").upper()
+    env = _env_name(flag)
     parser.add_argument(
         flag, metavar=metavar, type=parse, default=os.environ.get(env, default), help=f"{help} [env {env}]"
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``sotto-server``."""
-    parser = argparse.ArgumentParser(
-        prog="sotto-server",
-        description="Sotto aggregator: merges on-device interest signals into decaying profiles.",
-        epilog="Every option can also be set by the environment variable shown in brackets.",
+def _switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A flag that $SOTTO_<FLAG>=1 (or true, yes, on) also turns on."""
+    env = _env_name(flag)
+    parser.add_argument(
+        flag,
+        action="store_true",
+        default=os.environ.get(env, "").lower() in TRUE_WORDS,
+        help=f"{help} [env {env}=1]",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the aggregator until SIGTERM or SIGINT",
-        description="Run the aggregator; prints 'listening on HOST:PORT' to stdout once bound.",
+        description="Run the aggregator; prints 'listening on HOST:PORT' to stdout once bound (and "
+        "'metrics on http://HOST:PORT/metrics' when --metrics-listen is set). Every call needs a "
+        "credential: a bearer token from `sotto-server token issue`, or a client certificate.",
         formatter_class=_HelpFormatter,
     )
     _option(
@@ -100,10 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--db",
         "URL",
         "sqlite:///sotto.db",
-        "store: sqlite:///relative.db, sqlite:////absolute.db, sqlite:///:memory: or a bare path",
+        "store: sqlite:///relative.db, sqlite:////absolute.db, a bare path, or "
+        "postgresql://USER:PASSWORD@HOST:5432/DBNAME (schema migrations are applied on start)",
     )
     _option(
         serve, "--listen", "HOST:PORT", "127.0.0.1:50051", "address to bind; port 0 picks one", _host_port
+    )
+    _option(serve, "--tls-cert", "FILE", None, "PEM certificate chain of the server; turns TLS on")
+    _option(serve, "--tls-key", "FILE", None, "PEM private key of the server")
+    _option(
+        serve,
+        "--tls-client-ca",
+        "FILE",
+        None,
+        "PEM CA of device certificates; turns mutual TLS on (every client must present a certificate)",
+    )
+    _switch(
+        serve,
+        "--insecure",
+        "serve plaintext on a non-loopback address (only behind a proxy that terminates TLS)",
+    )
+    _option(
+        serve,
+        "--metrics-listen",
+        "HOST:PORT",
+        None,
+        "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (default: off)",
+        _host_port,
     )
     _option(
         serve,
@@ -113,14 +152,56 @@ def build_parser() -> argparse.ArgumentParser:
         "half-life of interest scores; fixed when the database is created",
         _number(float, 0, exclusive=True),
     )
-    _option(serve, "--max-signals-per-batch", "N", "100", "larger batches are rejected", _number(int, 1))
     _option(
         serve,
-        "--max-message-bytes",
+        "--retention-days",
+        "DAYS",
+        "180",
+        "entries not reinforced for this long are purged, and older batches refused",
+        _number(int, 1),
+    )
+    _option(
+        serve,
+        "--purge-interval-seconds",
+        "SECONDS",
+        "3600",
+        "time between retention purges (the first runs at start)",
+        _number(float, 1),
+    )
+    _option(
+        serve,
+        "--min-audience",
+        "K",
+        "50",
+        "AudienceSize reports no count below K profiles (k-anonymity)",
+        _number(int, 2),
+    )
+    _option(serve, "--max-signals-per-batch", "N", "100", "larger batches are rejected", _number(int, 1))
+    _option(serve, "--max-message-bytes", "N", "65536", "largest request accepted", _number(int, 1024))
+    _option(
+        serve,
+        "--rate-per-second",
+        "R",
+        "1",
+        "calls per second each device may make, sustained",
+        _number(float, 0, exclusive=True),
+    )
+    _option(serve, "--rate-burst", "N", "60", "calls a device may make at once", _number(int, 1))
+    _option(
+        serve,
+        "--max-concurrent-rpcs",
         "N",
-        "65536",
-        "largest request accepted",
-        _number(int, 1024),
+        "1000",
+        "calls in progress at once, over all clients",
+        _number(int, 1),
+    )
+    _option(
+        serve,
+        "--request-timeout-seconds",
+        "SECONDS",
+        "10",
+        "longest time spent on one call",
+        _number(float, 0, exclusive=True),
     )
     _option(
         serve,
@@ -142,18 +223,129 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=_serve)
 
-    profile = commands.add_parser(
+
+def _admin_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+    _option(parser, "--target", "HOST:PORT", "127.0.0.1:50051", "aggregator address", _host_port)
+    _option(parser, "--admin-token-file", "FILE", None, "file holding an admin token (required)")
+    _option(
+        parser,
+        "--tls-ca",
+        "FILE",
+        None,
+        "PEM CA that signed the server certificate (default: the system's roots when TLS is on)",
+    )
+    _option(parser, "--tls-client-cert", "FILE", None, "PEM client certificate, when the server asks for one")
+    _option(parser, "--tls-client-key", "FILE", None, "PEM key of the client certificate")
+    _switch(
+        parser,
+        "--insecure",
+        "plaintext even to a non-loopback target (TLS is used for those by default)",
+    )
+    _option(parser, "--timeout", "SECONDS", "10", "RPC deadline", _number(float, 0, exclusive=True))
+    return parser
+
+
+def _add_admin(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    profile = _admin_parser(
+        commands,
         "profile",
-        help="print one profile as JSON",
-        description="Print a profile's decayed scores as JSON; exit 3 when there is no such profile.",
-        formatter_class=_HelpFormatter,
+        "print one profile as JSON",
+        "Print a profile's decayed scores as JSON; exit 3 when there is no such profile.",
     )
     profile.add_argument("profile_id", metavar="PROFILE_ID")
-    _option(profile, "--target", "HOST:PORT", "127.0.0.1:50051", "aggregator address", _host_port)
     _option(profile, "--top-k", "N", "0", "at most this many categories (0 = all)", _number(int, 0))
-    _option(profile, "--timeout", "SECONDS", "10", "RPC deadline", _number(float, 0, exclusive=True))
     profile.set_defaults(handler=_profile)
+
+    delete = _admin_parser(
+        commands,
+        "delete",
+        "erase one profile (a user's deletion request)",
+        'Erase a profile, its batch ids and its device tokens; prints {"deleted": true} when something '
+        "was stored, false when there was nothing to erase.",
+    )
+    delete.add_argument("profile_id", metavar="PROFILE_ID")
+    delete.set_defaults(handler=_delete)
+
+    audience = _admin_parser(
+        commands,
+        "audience",
+        "count the profiles interested in a category",
+        "Print how many profiles score at least --min-score in CATEGORY_ID, as JSON; the count is null and "
+        "too_small true when fewer than the server's minimum audience (k) match.",
+    )
+    audience.add_argument("category_id", metavar="CATEGORY_ID")
+    _option(
+        audience,
+        "--min-score",
+        "SCORE",
+        "0",
+        "decayed score threshold (a full-weight signal today scores 1.0)",
+        _number(float, 0),
+    )
+    audience.set_defaults(handler=_audience)
+
+
+def _add_token(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser(
+        "token",
+        help="issue or revoke bearer tokens (works on the database directly)",
+        description="Issue or revoke bearer tokens in the aggregator's database. Only SHA-256 hashes are "
+        "stored; a token is printed once, when it is issued.",
+    )
+    actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help, handler in (
+        ("issue", "issue tokens: JSON {PROFILE_ID: TOKEN} for devices, the bare token for --admin", _issue),
+        ("revoke", "revoke every token of the given profiles, or every admin token", _revoke),
+    ):
+        action = actions.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        action.add_argument("profile_ids", metavar="PROFILE_ID", nargs="*", help="device profiles")
+        action.add_argument("--admin", action="store_true", help="admin tokens instead of device tokens")
+        _option(action, "--db", "URL", "sqlite:///sotto.db", "the aggregator's store")
+        action.set_defaults(handler=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sotto-server``."""
+    parser = argparse.ArgumentParser(
+        prog="sotto-server",
+        description="Sotto aggregator: merges on-device interest signals into decaying profiles.",
+        epilog="Every option can also be set by the environment variable shown in brackets.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_admin(commands)
+    _add_token(commands)
     return parser
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("give both --tls-cert and --tls-key, or neither")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    return ServerConfig(
+        policy=Policy.load(args.models),
+        max_signals_per_batch=args.max_signals_per_batch,
+        max_receive_message_bytes=args.max_message_bytes,
+        require_auth=True,
+        tls=None
+        if args.tls_cert is None
+        else ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
+        insecure=args.insecure,
+        rate_per_second=args.rate_per_second,
+        rate_burst=args.rate_burst,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        request_timeout_s=args.request_timeout_seconds,
+        retention_days=args.retention_days,
+        purge_interval_s=args.purge_interval_seconds,
+        min_audience=args.min_audience,
+    )
 
 
 async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
@@ -164,9 +356,18 @@ async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
     store = await open_store(args.db, args.half_life_days)
     try:
         server, port = await create_server(args.listen, store, config)
-        print(f"listening on {args.listen.rpartition(':')[0]}:{port}", flush=True)
-        await stop.wait()
-        await server.stop(args.grace_seconds)
+        exporter = None
+        try:
+            print(f"listening on {args.listen.rpartition(':')[0]}:{port}", flush=True)
+            if args.metrics_listen is not None:
+                host, _, metrics_port = args.metrics_listen.rpartition(":")
+                exporter = server.metrics.serve(host, int(metrics_port))
+                print(f"metrics on http://{host}:{exporter.port}/metrics", flush=True)
+            await stop.wait()
+        finally:
+            await server.stop(args.grace_seconds)
+            if exporter is not None:
+                exporter.close()
     finally:
         await store.close()
 
@@ -181,41 +382,142 @@ def _serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("server").setLevel(level)
     try:
-        config = ServerConfig(
-            policy=Policy.load(args.models),
-            max_signals_per_batch=args.max_signals_per_batch,
-            max_receive_message_bytes=args.max_message_bytes,
-        )
-        asyncio.run(_run_server(args, config))
-    except ValueError as exc:  # configuration: models folder, store URL, half-life (incl. StoreConfigError)
+        asyncio.run(_run_server(args, _server_config(args)))
+    except ValueError as exc:  # configuration: models, TLS files, store URL, half-life, unsafe address
         return _fail(str(exc), EXIT_USAGE)
-    except RuntimeError as exc:  # cannot bind the address
+    except RuntimeError as exc:  # cannot bind an address
         return _fail(str(exc))
     return 0
 
 
-def _profile(args: argparse.Namespace) -> int:
-    request = signals_pb2.GetProfileRequest(profile_id=args.profile_id, top_k=args.top_k)
-    with grpc.insecure_channel(args.target) as channel:
+# --- admin calls against a running server ------------------------------------------------------------
+
+
+def _call(args: argparse.Namespace, method: str, request: Message) -> tuple[int, Message | None]:
+    """Call ``method`` with the admin token; an exit code and the reply (None after an error)."""
+    try:
+        connection = AdminConnection.from_options(
+            args.target,
+            args.admin_token_file,
+            args.tls_ca,
+            args.tls_client_cert,
+            args.tls_client_key,
+            args.insecure,
+        )
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE), None
+    with connection.channel() as channel:
+        stub = signals_pb2_grpc.SignalAggregatorStub(channel)
         try:
-            profile = signals_pb2_grpc.SignalAggregatorStub(channel).GetProfile(request, timeout=args.timeout)
+            reply = getattr(stub, method)(request, timeout=args.timeout, metadata=connection.metadata)
         except grpc.RpcError as exc:
-            code = exc.code()
+            # grpc's blocking errors are also grpc.Call objects, which its type hints do not say.
+            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.NOT_FOUND:
-                return _fail("no such profile", EXIT_NOT_FOUND)
+                return _fail("no such profile", EXIT_NOT_FOUND), None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
-                return _fail(exc.details(), EXIT_USAGE)
-            return _fail(f"GetProfile on {args.target} failed: {code.name}: {exc.details()}")
+                return _fail(details, EXIT_USAGE), None
+            return _fail(f"{method} on {args.target} failed: {code.name}: {details}"), None
+    return 0, reply
+
+
+def _profile(args: argparse.Namespace) -> int:
+    code, reply = _call(
+        args, "GetProfile", signals_pb2.GetProfileRequest(profile_id=args.profile_id, top_k=args.top_k)
+    )
+    if not isinstance(reply, signals_pb2.Profile):
+        return code
     document = {
-        "profile_id": profile.profile_id,
-        "taxonomy_version": profile.taxonomy_version,
-        "as_of_day": profile.as_of_day,
-        "batches": profile.batches,
+        "profile_id": reply.profile_id,
+        "taxonomy_version": reply.taxonomy_version,
+        "as_of_day": reply.as_of_day,
+        "batches": reply.batches,
         "scores": [
-            {"id": s.category_id, "name": s.name, "tier1": s.tier1, "score": s.score} for s in profile.scores
+            {"id": s.category_id, "name": s.name, "tier1": s.tier1, "score": s.score} for s in reply.scores
         ],
     }
     print(json.dumps(document, indent=2))
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    code, reply = _call(args, "DeleteProfile", signals_pb2.DeleteProfileRequest(profile_id=args.profile_id))
+    if not isinstance(reply, signals_pb2.DeleteProfileResponse):
+        return code
+    print(json.dumps({"profile_id": args.profile_id, "deleted": reply.deleted}))
+    return 0
+
+
+def _audience(args: argparse.Namespace) -> int:
+    request = signals_pb2.AudienceSizeRequest(category_id=args.category_id, min_score=args.min_score)
+    code, reply = _call(args, "AudienceSize", request)
+    if not isinstance(reply, signals_pb2.AudienceSizeResponse):
+        return code
+    document = {
+        "category_id": args.category_id,
+        "min_score": args.min_score,
+        "as_of_day": reply.as_of_day,
+        "profiles": None if reply.too_small else reply.profiles,
+        "too_small": reply.too_small,
+        "min_audience": reply.min_audience,
+    }
+    print(json.dumps(document))
+    return 0
+
+
+# --- tokens, on the database directly -----------------------------------------------------------------
+
+
+def _check_token_args(args: argparse.Namespace) -> None:
+    if args.admin == bool(args.profile_ids):
+        raise ValueError("give PROFILE_ID arguments (device tokens) or --admin, not both and not neither")
+
+
+async def _issue_tokens(args: argparse.Namespace) -> str:
+    store = await open_store(args.db, None)
+    try:
+        if args.admin:
+            token = new_token()
+            await store.add_credential(admin_credential(token))
+            return token
+        tokens = {profile: new_token() for profile in args.profile_ids}
+        credentials = [device_credential(token, profile) for profile, token in tokens.items()]
+        for credential in credentials:  # all validated before the first is stored
+            await store.add_credential(credential)
+        return json.dumps(tokens, indent=2)
+    finally:
+        await store.close()
+
+
+def _issue(args: argparse.Namespace) -> int:
+    try:
+        _check_token_args(args)
+        print(asyncio.run(_issue_tokens(args)))
+    except ValueError as exc:  # arguments, a malformed profile id, store URL
+        return _fail(str(exc), EXIT_USAGE)
+    except StoreError as exc:  # the database is unreachable or busy
+        return _fail(str(exc))
+    return 0
+
+
+async def _revoke_tokens(args: argparse.Namespace) -> int:
+    store = await open_store(args.db, None)
+    try:
+        if args.admin:
+            return await store.revoke_credentials(None)
+        return sum([await store.revoke_credentials(profile) for profile in args.profile_ids])
+    finally:
+        await store.close()
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    try:
+        _check_token_args(args)
+        print(json.dumps({"revoked": asyncio.run(_revoke_tokens(args))}))
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except StoreError as exc:
+        return _fail(str(exc))
     return 0
 
 

@@ -21,7 +21,16 @@ import datetime as dt
 
 from edge.policy import EPOCH, day_number
 
-__all__ = ["REFERENCE_DAY", "date_of", "day_number", "increment", "score", "supported_days", "weight"]
+__all__ = [
+    "REFERENCE_DAY",
+    "date_of",
+    "day_number",
+    "increment",
+    "score",
+    "stored_sum",
+    "supported_days",
+    "weight",
+]
 
 #: Day number (days since 1970-01-01) of 2026-01-01, the reference day ``R`` of every stored sum.
 REFERENCE_DAY = 20454
@@ -55,3 +64,8 @@ def increment(level: int, day: int, half_life_days: float) -> float:
 def score(stored_sum: float, day: int, half_life_days: float) -> float:
     """The decayed score on ``day`` of a stored sum."""
     return stored_sum * 2.0 ** (-(day - REFERENCE_DAY) / half_life_days)
+
+
+def stored_sum(score_value: float, day: int, half_life_days: float) -> float:
+    """The stored sum whose decayed score on ``day`` is ``score_value`` (the inverse of ``score``)."""
+    return score_value * 2.0 ** ((day - REFERENCE_DAY) / half_life_days)

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import math
 
-from edge.policy import TAXONOMY_VERSION
+from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, REGION_PATTERN, TAXONOMY_VERSION, Policy
 from server.config import ServerConfig
 from server.decay import WEIGHT_LEVELS, date_of
 from server.store.base import Batch, Signal
 from sotto.v1 import signals_pb2
 
 BATCH_ID_BYTES = 16
-PROFILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
-REGION_PATTERN = re.compile(r"[A-Z]{2}")
-MAX_DAY_OFFSET = 30
 #: base_day may be at most this many days after today (devices ahead of UTC) ...
 MAX_FUTURE_DAYS = 1
 #: ... and at most this many days before it (a device that was offline for a long time).
@@ -49,30 +46,34 @@ def validate_profile_id(profile_id: str) -> str:
     return profile_id
 
 
-def _validate_signal(n: int, msg: signals_pb2.Signal, base_day: int, config: ServerConfig) -> Signal:
-    field = f"signals[{n}]"
-    policy = config.policy
-    cid = msg.category_id
+def validate_category(field: str, cid: str, policy: Policy) -> str:
+    """Return ``cid`` if it is an interest category this aggregator stores; raise naming ``field`` if not."""
     if cid not in policy.taxonomy:
         raise ValidationError(
-            f"{field}.category_id",
-            f"{field}.category_id: unknown category {cid!r}; expected an IAB Content Taxonomy "
-            f"{TAXONOMY_VERSION} unique id",
+            field,
+            f"{field}: unknown category {cid!r}; "
+            f"expected an IAB Content Taxonomy {TAXONOMY_VERSION} unique id",
         )
     sensitive = policy.sensitive.match(cid)
     if sensitive is not None:
         raise ValidationError(
-            f"{field}.category_id",
-            f"{field}.category_id: sensitive category {cid} ({policy.taxonomy[cid].name}; class "
+            field,
+            f"{field}: sensitive category {cid} ({policy.taxonomy[cid].name}; class "
             f"{sensitive.cls}) may never be stored",
         )
     if cid not in policy.interest_ids:
         raise ValidationError(
-            f"{field}.category_id",
-            f"{field}.category_id: category {cid} ({policy.taxonomy[cid].name}) is not an interest category "
+            field,
+            f"{field}: category {cid} ({policy.taxonomy[cid].name}) is not an interest category "
             f"this aggregator accepts (the {len(policy.interest_ids)} accepted ids are listed in "
             "models/interest_categories.tsv)",
         )
+    return cid
+
+
+def _validate_signal(n: int, msg: signals_pb2.Signal, base_day: int, config: ServerConfig) -> Signal:
+    field = f"signals[{n}]"
+    cid = validate_category(f"{field}.category_id", msg.category_id, config.policy)
     if msg.weight_level not in WEIGHT_LEVELS:
         raise ValidationError(
             f"{field}.weight_level",
@@ -133,12 +134,14 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
             f"base_day {msg.base_day} is in the future; expected at most {newest} ({date_of(newest)}, "
             "tomorrow in UTC)",
         )
-    oldest = today - MAX_PAST_DAYS
+    oldest = max(today - MAX_PAST_DAYS, config.retention_cutoff())
     if msg.base_day < oldest:
+        # Older data would be purged by retention at once, so it is not taken in the first place.
+        why = "the retention period" if oldest == config.retention_cutoff() else "the oldest batch accepted"
         raise ValidationError(
             "base_day",
             f"base_day {msg.base_day} is too old; expected at least {oldest} ({date_of(oldest)}, "
-            f"{MAX_PAST_DAYS} days ago)",
+            f"{today - oldest} days ago: {why})",
         )
     signals = tuple(_validate_signal(n, s, msg.base_day, config) for n, s in enumerate(msg.signals))
     return Batch(
@@ -149,3 +152,13 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
         signals=signals,
         digest=_digest(msg),
     )
+
+
+def validate_audience(msg: signals_pb2.AudienceSizeRequest, config: ServerConfig) -> tuple[str, float]:
+    """The category and score threshold of an audience query, or ``ValidationError``."""
+    cid = validate_category("category_id", msg.category_id, config.policy)
+    if not (math.isfinite(msg.min_score) and msg.min_score >= 0):
+        raise ValidationError(
+            "min_score", f"min_score must be a finite number of at least 0; got {msg.min_score}"
+        )
+    return cid, msg.min_score

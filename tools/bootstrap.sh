@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Set up a local environment: OS packages (when root), a Python 3.11 virtualenv in .venv, and the
-# project with the extras given as arguments. Sourced by tools/test.sh and tools/demo.sh.
+# project with the extras given as arguments. Run by tools/test.sh and tools/demo.sh.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SOTTO_VENV:-$ROOT/.venv}"
-EXTRAS="${1:-server,tools,dev}"
+EXTRAS="${1:-server,postgres,tools,dev}"
 
 need_os=()
 command -v espeak-ng >/dev/null 2>&1 || need_os+=(espeak-ng)
+# The postgres extra is for tests against a real PostgreSQL server (tools/postgres.sh starts it).
+if [[ ",$EXTRAS," == *",postgres,"* ]] && ! command -v pg_ctlcluster >/dev/null 2>&1; then
+  need_os+=(postgresql)
+fi
 if [ ${#need_os[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing OS packages: ${need_os[*]}"

@@ -9,17 +9,25 @@ WORK="$(mktemp -d)"
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 cd "$ROOT"
-"$PYBIN/sotto-server" serve --db "sqlite:///$WORK/demo.db" --listen 127.0.0.1:0 > "$WORK/server.out" 2> "$WORK/server.log" &
+DB="sqlite:///$WORK/demo.db"
+DEVICES=(emulated-device-0001 emulated-device-0002 emulated-device-0003)
+# Every call to the aggregator needs a credential: a token per pair of glasses, and one for the admin
+# commands. Only their SHA-256 is stored; this is the one time they are printed.
+"$PYBIN/sotto-server" token issue --db "$DB" "${DEVICES[@]}" > "$WORK/tokens.json"
+"$PYBIN/sotto-server" token issue --db "$DB" --admin > "$WORK/admin.token"
+
+"$PYBIN/sotto-server" serve --db "$DB" --listen 127.0.0.1:0 > "$WORK/server.out" 2> "$WORK/server.log" &
 SERVER=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" 2>/dev/null && break; sleep 0.1; done
 TARGET="$(sed -n 's/^listening on //p' "$WORK/server.out")"
 [ -n "$TARGET" ] || { cat "$WORK/server.log" >&2; exit 1; }
 echo "aggregator listening on $TARGET (SQLite: $WORK/demo.db)"
 
-"$PYBIN/python" tools/emulate_device.py --target "$TARGET" --devices 3 --report "$WORK/report.json" "$@"
+"$PYBIN/python" tools/emulate_device.py --target "$TARGET" --devices 3 --token-file "$WORK/tokens.json" \
+  --report "$WORK/report.json" "$@"
 
-for i in 1 2 3; do
+for device in "${DEVICES[@]}"; do
   echo
-  echo "profile emulated-device-000$i:"
-  "$PYBIN/sotto-server" profile --target "$TARGET" --top-k 5 "emulated-device-000$i" || true
+  echo "profile $device:"
+  "$PYBIN/sotto-server" profile --target "$TARGET" --admin-token-file "$WORK/admin.token" --top-k 5 "$device" || true
 done

@@ -3,11 +3,15 @@
     python tools/emulate_device.py --target 127.0.0.1:50051 --devices 5
     python tools/emulate_device.py --target 127.0.0.1:50051 --queries my_queries.txt --text
     python tools/emulate_device.py --target 127.0.0.1:50051 --queries clips/ --region US,DE --report out.json
+    python tools/emulate_device.py --target aggregator:50051 --token-file tokens.json --tls-ca ca.pem
 
 Each virtual device has a profile id, a region and a list of voice queries (audio files, or text lines
 spoken with espeak-ng when it is installed, or analysed as text with --text). Every utterance goes
 through speech gate, ASR, classifier and privacy filter; surviving signals are batched and sent with
 the device's client. The run ends with a summary (also as JSON with --report).
+
+An aggregator started with `sotto-server serve` wants a token per device: `sotto-server token issue
+--db URL PREFIX-device-0001 PREFIX-device-0002 ... > tokens.json` writes the JSON --token-file reads.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge.audio import AudioError  # noqa: E402
-from edge.client import DeliveryClient  # noqa: E402
+from edge.client import DeliveryClient, TlsOptions  # noqa: E402
 from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline  # noqa: E402
-from edge.signals import REGION  # noqa: E402
+from edge.policy import REGION_PATTERN  # noqa: E402
 
 DEMO_QUERIES = ROOT / "tools" / "demo" / "queries.txt"
 SHARED_SPEECH = ROOT.parent / "shared" / "data" / "speech"
@@ -165,6 +169,22 @@ def run_device(
     client.flush()
 
 
+def load_tokens(path: Path, profiles: list[str]) -> dict[str, str]:
+    """The bearer token of every device from a JSON object {profile_id: token}."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--token-file {path}: expected JSON {{profile_id: token}} ({exc})") from None
+    if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+        raise ValueError(f"--token-file {path}: expected a JSON object {{profile_id: token}}")
+    missing = [p for p in profiles if p not in document]
+    if missing:
+        raise ValueError(
+            f"--token-file {path}: no token for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
+    return {p: document[p] for p in profiles}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -183,8 +203,10 @@ def summarize(
     sent = sum(c.stats.signals_sent for c in clients)
     wire = sum(c.stats.bytes_sent for c in clients)
     rejected: Counter[str] = Counter()
+    held: Counter[str] = Counter()
     for c in clients:
         rejected.update(c.stats.rejected)
+        held.update(c.stats.held)
     return {
         "mode": mode,
         "devices": len(reports),
@@ -194,6 +216,7 @@ def summarize(
         "batches_sent": sum(c.stats.batches_sent for c in clients),
         "batches_pending": sum(c.pending_batches for c in clients),
         "batches_rejected": dict(rejected),
+        "batches_held": dict(held),
         "retries": sum(c.stats.retries for c in clients),
         "dropped": dict(sorted(dropped.items())),
         "bytes_on_wire": wire,
@@ -229,6 +252,7 @@ def print_summary(s: dict[str, Any]) -> None:
         ("signals sent (acknowledged)", s["signals_sent"]),
         ("batches sent / pending", f"{s['batches_sent']} / {s['batches_pending']}"),
         ("batches rejected", ", ".join(f"{k}: {v}" for k, v in s["batches_rejected"].items()) or "0"),
+        ("batches held back", ", ".join(f"{k}: {v}" for k, v in s["batches_held"].items()) or "0"),
         ("dropped, by reason", ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "0"),
         ("bytes on the wire", f"{s['bytes_on_wire']} ({s['bytes_per_signal'] or '-'} per signal)"),
         ("pipeline latency p50 / p95", f"{ms(s['pipeline_ms_p50'])} / {ms(s['pipeline_ms_p95'])}"),
@@ -275,6 +299,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
     p.add_argument("--report", type=Path, default=None, help="write the summary as JSON to this file")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="JSON {profile_id: token}, a bearer token per device (from `sotto-server token issue`)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM CA of the aggregator's certificate; turns TLS on (default: plaintext)",
+    )
     return p
 
 
@@ -282,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     regions = [r.strip().upper() for r in args.region.split(",") if r.strip()]
-    if not regions or not all(REGION.match(r) for r in regions):
+    if not regions or not all(REGION_PATTERN.fullmatch(r) for r in regions):
         parser.error(f"--region {args.region!r}: expected ISO 3166-1 alpha-2 codes such as US or US,DE")
     if args.devices < 1 or args.workers < 1 or args.batch_size < 1 or args.per_device < 0:
         parser.error("--devices, --workers and --batch-size must be at least 1; --per-device at least 0")
@@ -292,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.report is not None and not args.report.parent.is_dir():
         parser.error(f"--report {args.report}: folder {args.report.parent} does not exist")
+    if args.tls_ca is not None and not args.tls_ca.is_file():
+        parser.error(f"--tls-ca {args.tls_ca}: no such file")
+    profiles = [f"{args.profile_prefix}-device-{i + 1:04d}" for i in range(args.devices)]
+    tokens = None
+    if args.token_file is not None:
+        try:
+            tokens = load_tokens(args.token_file, profiles)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     from tqdm import tqdm
 
@@ -312,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         if needs_audio:
             models.load_audio_models()
         rng = random.Random(args.seed)
-        channel = grpc.insecure_channel(args.target)
+        channel = (
+            grpc.insecure_channel(args.target)
+            if args.tls_ca is None
+            else grpc.secure_channel(args.target, TlsOptions.from_files(ca=args.tls_ca).credentials())
+        )
         devices, clients, reports, plans = [], [], [], []
         for i in range(args.devices):
             region = regions[i % len(regions)]
-            profile = f"{args.profile_prefix}-device-{i + 1:04d}"
+            profile = profiles[i]
             plan = (
                 rng.sample(queries, k=min(args.per_device, len(queries)))
                 if args.per_device
@@ -325,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
             devices.append(Pipeline(models, region=region))
             clients.append(
                 DeliveryClient(
-                    profile, region, channel=channel, batch_size=args.batch_size, timeout_s=args.timeout
+                    profile,
+                    region,
+                    channel=channel,
+                    batch_size=args.batch_size,
+                    timeout_s=args.timeout,
+                    token=None if tokens is None else tokens[profile],
                 )
             )
             reports.append(DeviceReport(profile, region))

@@ -4,11 +4,13 @@ sqlite:///sotto.db          relative path
 sqlite:////var/lib/sotto.db absolute path
 sqlite:///:memory:          in memory (tests)
 /var/lib/sotto.db           a bare path means SQLite
-postgresql://...            not available in this build yet
+postgresql://USER:PASSWORD@HOST:5432/DBNAME?sslmode=verify-full
+                            PostgreSQL (libpq URL; needs the `postgres` extra: psycopg 3 and psycopg_pool)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -17,29 +19,39 @@ from server.store.base import (
     ApplyResult,
     Batch,
     BatchConflictError,
+    Credential,
+    Entry,
     HalfLifeMismatchError,
+    PurgeResult,
+    Role,
     Signal,
     Store,
     StoreConfigError,
     StoredProfile,
     StoreError,
+    StoreUnavailableError,
 )
 
 __all__ = [
     "ApplyResult",
     "Batch",
     "BatchConflictError",
+    "Credential",
+    "Entry",
     "HalfLifeMismatchError",
+    "PurgeResult",
+    "Role",
     "Signal",
     "Store",
     "StoreConfigError",
     "StoreError",
+    "StoreUnavailableError",
     "StoredProfile",
     "open_store",
     "sqlite_path",
 ]
 
-Opener = Callable[[str, float], Awaitable[Store]]
+Opener = Callable[[str, float | None], Awaitable[Store]]
 
 
 def sqlite_path(url: str) -> str:
@@ -59,16 +71,21 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-async def _open_sqlite(url: str, half_life_days: float) -> Store:
+async def _open_sqlite(url: str, half_life_days: float | None) -> Store:
     from server.store.sqlite import SQLiteStore
 
     return await SQLiteStore.open(sqlite_path(url), half_life_days)
 
 
-async def _open_postgresql(url: str, half_life_days: float) -> Store:
-    raise StoreConfigError(
-        "postgresql:// stores are not available in this build yet; use sqlite:///PATH for now"
-    )
+async def _open_postgresql(url: str, half_life_days: float | None) -> Store:
+    missing = [name for name in ("psycopg", "psycopg_pool") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise StoreConfigError(
+            f"postgresql:// stores need {' and '.join(missing)}: pip install 'sotto[postgres]'"
+        )
+    from server.store.postgres import PostgresStore
+
+    return await PostgresStore.open(url, half_life_days)
 
 
 _OPENERS: dict[str, Opener] = {
@@ -77,13 +94,16 @@ _OPENERS: dict[str, Opener] = {
 }
 
 
-async def open_store(url: str, half_life_days: float) -> Store:
-    """Open (creating on first use) the store at ``url``; see the module doc for the URL forms.
+async def open_store(url: str, half_life_days: float | None) -> Store:
+    """Open (creating and migrating as needed) the store at ``url``; see the module doc for the URL forms.
 
-    Raises ``StoreConfigError`` for an unknown scheme, a malformed URL, an invalid half-life or one that
-    differs from the half-life the database was created with (``HalfLifeMismatchError``).
+    ``half_life_days`` is recorded when the database is new and checked against it afterwards; None
+    (for the admin commands, which never touch scores) accepts whatever the database has.
+
+    Raises ``StoreConfigError`` for an unknown scheme, a malformed URL, an unreachable or foreign database,
+    an invalid half-life or one that differs from the recorded one (``HalfLifeMismatchError``).
     """
-    if not (math.isfinite(half_life_days) and half_life_days > 0):
+    if half_life_days is not None and not (math.isfinite(half_life_days) and half_life_days > 0):
         raise StoreConfigError(f"half_life_days must be a positive number of days, got {half_life_days}")
     scheme = urlsplit(url).scheme if "://" in url else "sqlite"
     opener = _OPENERS.get(scheme)

@@ -4,7 +4,7 @@ Each connection lives on its own single-thread executor, so the event loop never
 connection is only ever used by the thread that opened it. WAL lets the reader see the last committed
 state while the writer works; ``synchronous=NORMAL`` makes a commit a WAL append without fsync (a power
 loss may lose the last transactions, never corrupt the file; a lost batch is resent by the device and
-applied then, because its id was lost with it).
+applied then, because its id was lost with it). A killed process loses nothing it committed.
 """
 
 from __future__ import annotations
@@ -22,43 +22,73 @@ from server.store.base import (
     ApplyResult,
     Batch,
     BatchConflictError,
+    Credential,
     HalfLifeMismatchError,
+    PurgeResult,
+    Role,
     StoreConfigError,
     StoredProfile,
+    StoreUnavailableError,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
-_SCHEMA = (
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
-    # base_day is kept so that ids can later be pruned once a resend would fail validation anyway.
-    """CREATE TABLE batches (
-        batch_id BLOB PRIMARY KEY,
-        profile_id TEXT NOT NULL,
-        digest BLOB NOT NULL,
-        base_day INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-    "CREATE TABLE profiles (profile_id TEXT PRIMARY KEY, batches INTEGER NOT NULL) WITHOUT ROWID",
-    """CREATE TABLE scores (
-        profile_id TEXT NOT NULL,
-        category_id TEXT NOT NULL,
-        s REAL NOT NULL,
-        PRIMARY KEY (profile_id, category_id)
-    ) WITHOUT ROWID""",
+#: Schema migrations, applied in order on start; the schema version is the number applied. The same
+#: version means the same tables on every backend (see server/store/postgres.py).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE batches (
+            batch_id BLOB PRIMARY KEY,
+            profile_id TEXT NOT NULL,
+            digest BLOB NOT NULL,
+            base_day INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE TABLE profiles (profile_id TEXT PRIMARY KEY, batches INTEGER NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE scores (
+            profile_id TEXT NOT NULL,
+            category_id TEXT NOT NULL,
+            s REAL NOT NULL,
+            PRIMARY KEY (profile_id, category_id)
+        ) WITHOUT ROWID""",
+    ),
+    (
+        # Retention: the day each entry (and each profile) was last reinforced. Version 1 kept no such day;
+        # the newest batch of the profile is the closest bound it has.
+        "ALTER TABLE scores ADD COLUMN last_day INTEGER NOT NULL DEFAULT 0",
+        """UPDATE scores SET last_day = coalesce(
+            (SELECT max(base_day) FROM batches b WHERE b.profile_id = scores.profile_id), 0)""",
+        "ALTER TABLE profiles ADD COLUMN last_day INTEGER NOT NULL DEFAULT 0",
+        """UPDATE profiles SET last_day = coalesce(
+            (SELECT max(last_day) FROM scores s WHERE s.profile_id = profiles.profile_id), 0)""",
+        "CREATE INDEX scores_by_last_day ON scores (last_day)",
+        "CREATE INDEX scores_by_category ON scores (category_id, s)",
+        "CREATE INDEX batches_by_profile ON batches (profile_id)",
+        "CREATE INDEX batches_by_base_day ON batches (base_day)",
+        """CREATE TABLE credentials (
+            token_sha256 BLOB PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('device', 'admin')),
+            profile_id TEXT CHECK ((role = 'admin') = (profile_id IS NULL))
+        ) WITHOUT ROWID""",
+        "CREATE INDEX credentials_by_profile ON credentials (profile_id)",
+    ),
 )
+SCHEMA_VERSION = len(MIGRATIONS)
+
 _INSERT_BATCH = (
     "INSERT INTO batches (batch_id, profile_id, digest, base_day) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (batch_id) DO NOTHING"
 )
 _COUNT_BATCH = (
-    "INSERT INTO profiles (profile_id, batches) VALUES (?, 1) "
-    "ON CONFLICT (profile_id) DO UPDATE SET batches = batches + 1"
+    "INSERT INTO profiles (profile_id, batches, last_day) VALUES (?, 1, ?) "
+    "ON CONFLICT (profile_id) DO UPDATE "
+    "SET batches = batches + 1, last_day = max(last_day, excluded.last_day)"
 )
 _ADD_SCORE = (
-    "INSERT INTO scores (profile_id, category_id, s) VALUES (?, ?, ?) "
-    "ON CONFLICT (profile_id, category_id) DO UPDATE SET s = s + excluded.s"
+    "INSERT INTO scores (profile_id, category_id, s, last_day) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (profile_id, category_id) DO UPDATE "
+    "SET s = s + excluded.s, last_day = max(last_day, excluded.last_day)"
 )
 
 
@@ -82,56 +112,80 @@ def _check_path(path: str) -> None:
         raise StoreConfigError(f"cannot create SQLite database {path}: folder {file.parent} does not exist")
 
 
-def _init_schema(conn: sqlite3.Connection, path: str, half_life_days: float) -> None:
+def _migrate(conn: sqlite3.Connection, path: str, half_life_days: float | None) -> float | None:
+    """Bring the schema to ``SCHEMA_VERSION`` and record or check the half-life; returns the half-life."""
     with _transaction(conn, "IMMEDIATE"):
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('half_life_days', ?)", (repr(half_life_days),)
-            )
-            return
-        if "schema_version" not in tables:
+        if tables and "schema_version" not in tables:
             raise StoreConfigError(f"{path} is not a Sotto database (it has tables but no schema_version)")
-        (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
-        if version != SCHEMA_VERSION:
+        version = conn.execute("SELECT version FROM schema_version").fetchone()[0] if tables else 0
+        if version > SCHEMA_VERSION:
             raise StoreConfigError(
-                f"{path} has schema version {version}; this server reads version {SCHEMA_VERSION}"
+                f"{path} has schema version {version}, newer than this server's {SCHEMA_VERSION}; "
+                "upgrade the server"
             )
-        (stored,) = conn.execute("SELECT value FROM meta WHERE key = 'half_life_days'").fetchone()
-        if float(stored) != half_life_days:
+        for statements in MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        if version == 0:
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif version < SCHEMA_VERSION:
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        row = conn.execute("SELECT value FROM meta WHERE key = 'half_life_days'").fetchone()
+        if row is None:
+            if half_life_days is not None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('half_life_days', ?)", (repr(half_life_days),)
+                )
+            return half_life_days
+        stored = float(row[0])
+        if half_life_days is not None and stored != half_life_days:
             raise HalfLifeMismatchError(
-                f"{path} was created with a half-life of {float(stored):g} days but {half_life_days:g} is "
-                f"configured; the stored sums depend on it, so start with --half-life-days {float(stored):g} "
+                f"{path} was created with a half-life of {stored:g} days but {half_life_days:g} is "
+                f"configured; the stored sums depend on it, so start with --half-life-days {stored:g} "
                 "or use a new database"
             )
+        return stored
 
 
-def _connect(path: str, half_life_days: float | None) -> sqlite3.Connection:
-    """Open a connection; the writer (``half_life_days`` given) also creates or checks the schema."""
+def _connect(path: str, writer: bool) -> sqlite3.Connection:
     # isolation_level=None: the sqlite3 module issues no implicit BEGIN; we open transactions ourselves.
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
-        if half_life_days is None:
-            conn.execute("PRAGMA query_only = ON")
-        else:
+        if writer:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            _init_schema(conn, path, half_life_days)
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise StoreConfigError(f"cannot use {path} as a Sotto SQLite database: {exc}") from exc
+            # Deleted rows are overwritten with zeros instead of lingering in free pages: a deleted
+            # profile must not remain readable in the file.
+            conn.execute("PRAGMA secure_delete = ON")
+        else:
+            conn.execute("PRAGMA query_only = ON")
     except BaseException:
         conn.close()
         raise
     return conn
 
 
+def _open_writer(path: str, half_life_days: float | None) -> tuple[sqlite3.Connection, float | None]:
+    """Open the writer connection and migrate the schema; returns it with the database's half-life."""
+    conn = None
+    try:
+        conn = _connect(path, writer=True)
+        return conn, _migrate(conn, path, half_life_days)
+    except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
+        raise StoreConfigError(f"cannot use {path} as a Sotto SQLite database: {exc}") from exc
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+
+
 def _apply(conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> ApplyResult:
-    rows = [(batch.profile_id, cid, s) for cid, s in batch.increments(half_life_days).items()]
+    entries = batch.entries(half_life_days)
+    rows = [(batch.profile_id, e.category_id, e.increment, e.last_day) for e in entries]
     with _transaction(conn, "IMMEDIATE"):
         inserted = conn.execute(
             _INSERT_BATCH, (batch.batch_id, batch.profile_id, batch.digest, batch.base_day)
@@ -143,22 +197,82 @@ def _apply(conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> App
             if digest != batch.digest:
                 raise BatchConflictError("batch id reused with different content")
             return ApplyResult(duplicate=True, applied_signals=0)
-        conn.execute(_COUNT_BATCH, (batch.profile_id,))
+        conn.execute(_COUNT_BATCH, (batch.profile_id, max(e.last_day for e in entries)))
         conn.executemany(_ADD_SCORE, rows)
     return ApplyResult(duplicate=False, applied_signals=len(batch.signals))
 
 
 def _read(conn: sqlite3.Connection, profile_id: str) -> StoredProfile | None:
-    with _transaction(conn):  # one snapshot for both queries
-        row = conn.execute("SELECT batches FROM profiles WHERE profile_id = ?", (profile_id,)).fetchone()
-        if row is None:
-            return None
-        sums = conn.execute("SELECT category_id, s FROM scores WHERE profile_id = ?", (profile_id,))
-        return StoredProfile(profile_id=profile_id, batches=row[0], sums=dict(sums.fetchall()))
+    # One statement reads one snapshot: the batch count and the sums always belong together.
+    rows = conn.execute(
+        "SELECT p.batches, s.category_id, s.s, s.last_day FROM profiles p "
+        "LEFT JOIN scores s ON s.profile_id = p.profile_id WHERE p.profile_id = ?",
+        (profile_id,),
+    ).fetchall()
+    if not rows:
+        return None
+    entries = [row for row in rows if row[1] is not None]
+    return StoredProfile(
+        profile_id=profile_id,
+        batches=rows[0][0],
+        sums={cid: s for _, cid, s, _ in entries},
+        last_days={cid: day for _, cid, _, day in entries},
+    )
+
+
+def _delete(conn: sqlite3.Connection, profile_id: str) -> bool:
+    with _transaction(conn, "IMMEDIATE"):
+        removed = sum(
+            conn.execute(f"DELETE FROM {table} WHERE profile_id = ?", (profile_id,)).rowcount
+            for table in ("profiles", "scores", "batches", "credentials")
+        )
+    return removed > 0
+
+
+def _audience(conn: sqlite3.Connection, category_id: str, min_sum: float, since_day: int) -> int:
+    (count,) = conn.execute(
+        "SELECT count(*) FROM scores WHERE category_id = ? AND s >= ? AND last_day >= ?",
+        (category_id, min_sum, since_day),
+    ).fetchone()
+    return int(count)
+
+
+def _purge(conn: sqlite3.Connection, before_day: int) -> PurgeResult:
+    with _transaction(conn, "IMMEDIATE"):
+        entries = conn.execute("DELETE FROM scores WHERE last_day < ?", (before_day,)).rowcount
+        # A profile's last_day is the newest of its entries', so these profiles have no entry left.
+        profiles = conn.execute("DELETE FROM profiles WHERE last_day < ?", (before_day,)).rowcount
+        batches = conn.execute("DELETE FROM batches WHERE base_day < ?", (before_day,)).rowcount
+    return PurgeResult(entries=entries, profiles=profiles, batches=batches)
+
+
+def _add_credential(conn: sqlite3.Connection, credential: Credential) -> None:
+    with _transaction(conn, "IMMEDIATE"):
+        conn.execute(
+            "INSERT INTO credentials (token_sha256, role, profile_id) VALUES (?, ?, ?)",
+            (credential.token_sha256, credential.role.value, credential.profile_id),
+        )
+
+
+def _find_credential(conn: sqlite3.Connection, token_sha256: bytes) -> Credential | None:
+    row = conn.execute(
+        "SELECT role, profile_id FROM credentials WHERE token_sha256 = ?", (token_sha256,)
+    ).fetchone()
+    return None if row is None else Credential(token_sha256, Role(row[0]), row[1])
+
+
+def _revoke(conn: sqlite3.Connection, profile_id: str | None) -> int:
+    with _transaction(conn, "IMMEDIATE"):
+        if profile_id is None:
+            return conn.execute("DELETE FROM credentials WHERE role = 'admin'").rowcount
+        return conn.execute("DELETE FROM credentials WHERE profile_id = ?", (profile_id,)).rowcount
 
 
 async def _call(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
-    return await asyncio.get_running_loop().run_in_executor(executor, fn)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+    except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
+        raise StoreUnavailableError(f"SQLite: {exc}") from exc
 
 
 class SQLiteStore:
@@ -166,33 +280,39 @@ class SQLiteStore:
 
     def __init__(
         self,
-        half_life_days: float,
+        path: str,
+        half_life_days: float | None,
         writer: tuple[ThreadPoolExecutor, sqlite3.Connection],
         reader: tuple[ThreadPoolExecutor, sqlite3.Connection],
     ) -> None:
+        self._path = path
         self._half_life_days = half_life_days
         self._writer = writer
         self._reader = reader
         self._closed = False
 
     @classmethod
-    async def open(cls, path: str, half_life_days: float) -> SQLiteStore:
-        """Open ``path`` (``:memory:`` allowed), creating the schema on first use and checking it after."""
+    async def open(cls, path: str, half_life_days: float | None) -> SQLiteStore:
+        """Open ``path`` (``:memory:`` allowed), migrating the schema to the current version.
+
+        ``half_life_days`` is recorded on first use and checked after; None accepts what is recorded.
+        """
         memory = path == ":memory:"
         if not memory:
             _check_path(path)
         write_executor = ThreadPoolExecutor(1, thread_name_prefix="sotto-sqlite-writer")
         try:
-            writer = write_executor, await _call(write_executor, partial(_connect, path, half_life_days))
+            conn, recorded = await _call(write_executor, partial(_open_writer, path, half_life_days))
         except BaseException:
             write_executor.shutdown()
             raise
         # For :memory: the writer also serves reads: a second connection would open another, empty database.
-        store = cls(half_life_days, writer, writer)
+        writer = write_executor, conn
+        store = cls(path, recorded, writer, writer)
         if not memory:
             read_executor = ThreadPoolExecutor(1, thread_name_prefix="sotto-sqlite-reader")
             try:
-                store._reader = read_executor, await _call(read_executor, partial(_connect, path, None))
+                store._reader = read_executor, await _call(read_executor, partial(_connect, path, False))
             except BaseException:
                 read_executor.shutdown()
                 await store.close()
@@ -202,17 +322,52 @@ class SQLiteStore:
     @property
     def half_life_days(self) -> float:
         """The half-life the stored sums were built with."""
+        if self._half_life_days is None:
+            raise StoreConfigError(
+                f"{self._path} has no half-life recorded yet; `sotto-server serve` records it on first start"
+            )
         return self._half_life_days
 
-    async def apply_batch(self, batch: Batch) -> ApplyResult:
-        """Record the batch id and add its increments in one transaction (see ``Store.apply_batch``)."""
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         executor, conn = self._writer
-        return await _call(executor, partial(_apply, conn, batch, self._half_life_days))
+        return await _call(executor, partial(fn, conn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        executor, conn = self._reader
+        return await _call(executor, partial(fn, conn))
+
+    async def apply_batch(self, batch: Batch) -> ApplyResult:
+        """Record the batch id and add its entries in one transaction (see ``Store.apply_batch``)."""
+        half_life = self.half_life_days
+        return await self._write(lambda conn: _apply(conn, batch, half_life))
 
     async def get_profile(self, profile_id: str) -> StoredProfile | None:
-        """The stored profile, or None when no batch was ever applied to it."""
-        executor, conn = self._reader
-        return await _call(executor, partial(_read, conn, profile_id))
+        """The stored profile, or None when nothing is stored for it."""
+        return await self._read(lambda conn: _read(conn, profile_id))
+
+    async def delete_profile(self, profile_id: str) -> bool:
+        """Erase every row of the profile in one transaction; True when there was something."""
+        return await self._write(lambda conn: _delete(conn, profile_id))
+
+    async def audience_size(self, category_id: str, min_sum: float, since_day: int) -> int:
+        """Distinct profiles with at least ``min_sum`` in the category, reinforced since ``since_day``."""
+        return await self._read(lambda conn: _audience(conn, category_id, min_sum, since_day))
+
+    async def purge(self, before_day: int) -> PurgeResult:
+        """Remove what was last reinforced before ``before_day`` (see ``Store.purge``)."""
+        return await self._write(lambda conn: _purge(conn, before_day))
+
+    async def add_credential(self, credential: Credential) -> None:
+        """Store a credential."""
+        await self._write(lambda conn: _add_credential(conn, credential))
+
+    async def find_credential(self, token_sha256: bytes) -> Credential | None:
+        """The credential with this token hash, or None."""
+        return await self._read(lambda conn: _find_credential(conn, token_sha256))
+
+    async def revoke_credentials(self, profile_id: str | None) -> int:
+        """Remove the profile's device credentials, or every admin credential for None."""
+        return await self._write(lambda conn: _revoke(conn, profile_id))
 
     async def close(self) -> None:
         """Close both connections on their own threads, then stop the threads."""

@@ -10,15 +10,45 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
 
+@dataclass(frozen=True)
+class Aggregator:
+    """A running aggregator process: its address and the credential files issued for it."""
+
+    target: str
+    #: JSON {profile_id: token} of the devices named at start (what emulate_device.py --token-file reads).
+    token_file: Path
+    #: One admin token (what `sotto-server profile --admin-token-file` reads).
+    admin_token_file: Path
+
+
+def _issue(db: Path, *args: str) -> str:
+    issued = subprocess.run(
+        [sys.executable, "-m", "server", "token", "issue", "--db", f"sqlite:///{db}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if issued.returncode != 0:
+        raise RuntimeError(f"token issue failed: {issued.stderr}")
+    return issued.stdout
+
+
 @contextlib.contextmanager
-def aggregator(db: Path, *extra: str) -> Iterator[str]:
-    """Run `python -m server serve` on a free loopback port; yield its HOST:PORT; SIGTERM it after."""
+def aggregator(db: Path, devices: list[str], *extra: str) -> Iterator[Aggregator]:
+    """Issue tokens for ``devices`` and an admin, run `python -m server serve` on a free loopback port and
+    yield it; SIGTERM it after."""
+    token_file = db.with_name("tokens.json")
+    token_file.write_text(_issue(db, *devices))
+    admin_token_file = db.with_name("admin.token")
+    admin_token_file.write_text(_issue(db, "--admin"))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -42,7 +72,7 @@ def aggregator(db: Path, *extra: str) -> Iterator[str]:
         if not line.startswith("listening on "):
             proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-        yield line.split("listening on ", 1)[1].strip()
+        yield Aggregator(line.split("listening on ", 1)[1].strip(), token_file, admin_token_file)
     finally:
         proc.terminate()
         try:

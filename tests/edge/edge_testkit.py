@@ -121,7 +121,7 @@ def copy_models(dst: Path) -> Path:
 def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m edge analyze ARGS`` as a real process, from outside the source tree."""
     return subprocess.run(
-        [sys.executable, "-m", "edge", "analyze", *map(os.fspath, args)],
+        [sys.executable, "-m", "edge", "analyze", *(os.fspath(a) for a in args)],
         capture_output=True,
         text=True,
         timeout=timeout,

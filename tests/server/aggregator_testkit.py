@@ -1,26 +1,46 @@
-"""Helpers of the aggregator tests: a fixed clock, batch builders and a running server."""
+"""Helpers of the aggregator tests: a fixed clock, batch builders, plain-SQL views of both backends,
+credentials, a test certificate authority, and running servers (in process or as real processes)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+import re
+import select
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager, closing
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
+import psycopg
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from server import ServerConfig, Store, create_server, open_store
+from server.auth import admin_credential, device_credential, new_token
 from server.decay import day_number
+from server.service import AggregatorServer
+from server.store import sqlite_path
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
+REPO = Path(__file__).resolve().parents[2]
 TODAY = dt.date(2026, 3, 1)
 TODAY_DAY = day_number(TODAY)
 PROFILE = "profile_0001"
+OTHER = "profile_0002"
 MUSIC, ELECTRONICS, MOVIES = "338", "632", "324"
 SENSITIVE = "286"  # Medical Health (subtree)
+POSTGRES_ENV = "SOTTO_TEST_POSTGRES_URL"
+DATA_TABLES = ("batches", "profiles", "scores", "credentials")
 
 
 class Clock:
@@ -53,20 +73,184 @@ def make_batch(
     return signals_pb2.SignalBatch(signals=chosen, **values)  # type: ignore[arg-type]
 
 
-def row_counts(path: Path) -> dict[str, int]:
-    """Rows per data table, read with plain sqlite3 (independent of the store under test)."""
+# --- PostgreSQL: one schema per test --------------------------------------------------------------------
+
+
+def postgres_base_url() -> str:
+    """The PostgreSQL server of the test run; tools/test.sh sets it up and exports it."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        raise RuntimeError(
+            f"${POSTGRES_ENV} is not set: the PostgreSQL tests need a server "
+            "(bash tools/test.sh installs, starts and exports one; or point it at your own, for example "
+            "postgresql://sotto_test:sotto_test@127.0.0.1:5432/sotto_test)"
+        )
+    return url
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` with libpq's ``options`` setting the schema, so every connection lands in ``schema``."""
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
+
+
+@contextmanager
+def postgres_schema(base_url: str) -> Iterator[str]:
+    """A new, empty schema; yields a URL that uses it, and drops the schema afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(base_url, schema)
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# --- plain-SQL views of a store, independent of the store code -----------------------------------------
+
+
+def dump_tables(url: str | Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table of the database at ``url`` (SQLite path or URL, or PostgreSQL URL)."""
+    if isinstance(url, str) and url.startswith("postgresql://"):
+        with psycopg.connect(url) as conn:
+            names = conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            ).fetchall()
+            return {
+                name: sorted(
+                    tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                    for row in conn.execute(f"SELECT * FROM {name}").fetchall()
+                )
+                for (name,) in names
+            }
+    path = url if isinstance(url, Path) else sqlite_path(url)
     with closing(sqlite3.connect(path)) as conn:
-        return {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("batches", "profiles", "scores")
+        names = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return {name: sorted(conn.execute(f"SELECT * FROM {name}").fetchall()) for (name,) in names}
+
+
+def row_counts(url: str | Path) -> dict[str, int]:
+    """Rows per data table."""
+    tables = dump_tables(url)
+    return {table: len(tables[table]) for table in DATA_TABLES}
+
+
+def cells_mentioning(url: str | Path, needle: str) -> list[tuple[str, tuple[object, ...]]]:
+    """(table, row) of every row with a cell that contains ``needle`` (as text or as bytes)."""
+    found = []
+    for table, rows in dump_tables(url).items():
+        for row in rows:
+            for cell in row:
+                text = cell.decode("latin-1") if isinstance(cell, bytes) else str(cell)
+                if needle in text:
+                    found.append((table, row))
+                    break
+    return found
+
+
+# --- credentials ------------------------------------------------------------------------------------
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def issue_device_token(store: Store, profile_id: str = PROFILE) -> str:
+    token = new_token()
+    await store.add_credential(device_credential(token, profile_id))
+    return token
+
+
+async def issue_admin_token(store: Store) -> str:
+    token = new_token()
+    await store.add_credential(admin_credential(token))
+    return token
+
+
+# --- a certificate authority for TLS tests ---------------------------------------------------------------
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class TestCA:
+    """A throwaway CA issuing server and client certificates (ECDSA P-256, valid for a day)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, name: str = "Sotto test CA") -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert_pem = self._sign(self._name, self._key.public_key(), ca=True)
+
+    def _sign(
+        self,
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey,
+        ca: bool = False,
+        names: list[x509.GeneralName] | None = None,
+    ) -> bytes:
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, names: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        """A new key and certificate: (key PEM, certificate PEM)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        return _pem_key(key), self._sign(subject, key.public_key(), names=names)
+
+    def server_pair(self) -> tuple[bytes, bytes]:
+        """Key and certificate for ``localhost`` and ``127.0.0.1``."""
+        return self.issue(
+            "localhost",
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        )
+
+    def device_pair(self, profile_id: str | None = PROFILE) -> tuple[bytes, bytes]:
+        """Key and certificate of a device bound to ``profile_id`` (None: a certificate naming none)."""
+        names: list[x509.GeneralName] = [x509.DNSName("device.invalid")]
+        if profile_id is not None:
+            names.append(x509.UniformResourceIdentifier(f"urn:sotto:profile:{profile_id}"))
+        return self.issue("sotto device", names)
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        """ca.pem, server.pem and server.key in ``folder``; returns their paths by stem."""
+        key, cert = self.server_pair()
+        paths = {
+            "ca": folder / "ca.pem",
+            "server": folder / "server.pem",
+            "server_key": folder / "server.key",
         }
+        paths["ca"].write_bytes(self.cert_pem)
+        paths["server"].write_bytes(cert)
+        paths["server_key"].write_bytes(key)
+        return paths
+
+
+# --- running servers -------------------------------------------------------------------------------------
 
 
 @dataclass
 class Running:
     """A started in-process aggregator and a client channel to it."""
 
-    server: grpc.aio.Server
+    server: AggregatorServer
     port: int
     store: Store
     channel: grpc.aio.Channel
@@ -77,15 +261,68 @@ class Running:
 
 
 @asynccontextmanager
-async def running(url: str, config: ServerConfig, half_life_days: float = 30) -> AsyncIterator[Running]:
+async def running(
+    url: str,
+    config: ServerConfig,
+    half_life_days: float = 30,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+) -> AsyncIterator[Running]:
     """Open a store at ``url``, serve it on a free port and connect to it; tear everything down after."""
     store = await open_store(url, half_life_days)
     try:
         server, port = await create_server("127.0.0.1:0", store, config)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            target = f"127.0.0.1:{port}"
+            channel = (
+                grpc.aio.insecure_channel(target)
+                if channel_credentials is None
+                else grpc.aio.secure_channel(target, channel_credentials)
+            )
+            async with channel:
                 yield Running(server, port, store, channel)
         finally:
             await server.stop(None)
     finally:
         await store.close()
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next stdout line of ``proc``, failing the test when none comes within ``timeout`` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout}s; stderr: {proc.stderr.read() if proc.stderr else ''}"
+    return proc.stdout.readline()
+
+
+def start_server(db_url: str, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    """``python -m server serve`` on a free loopback port: the process and its ``127.0.0.1:PORT``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--db", db_url, *extra],
+        cwd=cwd or REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = read_line(proc, timeout=60)
+    match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    return proc, f"127.0.0.1:{match.group(1)}"
+
+
+def stop_server(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM ``proc`` (SIGKILL if it hangs), close its pipes; returns its stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read() if proc.stderr else ""
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return err

@@ -1,11 +1,16 @@
-"""Fixtures of the aggregator tests (helpers live in aggregator_testkit, a uniquely named module)."""
+"""Fixtures of the aggregator tests (helpers live in aggregator_testkit, a uniquely named module).
+
+Store tests run against every backend. The PostgreSQL ones need ``$SOTTO_TEST_POSTGRES_URL`` (tools/test.sh
+sets it); without it they fail rather than skip, because a skipped backend is an untested one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aggregator_testkit import TODAY, Clock
+from aggregator_testkit import TODAY, Clock, postgres_base_url, postgres_schema
 
 from edge.policy import Policy
 from server import ServerConfig
@@ -23,7 +28,14 @@ def clock() -> Clock:
 
 @pytest.fixture
 def config(policy: Policy, clock: Clock) -> ServerConfig:
+    """Authentication off (these tests are about everything else); see ``auth_config``."""
     return ServerConfig(policy=policy, clock=clock)
+
+
+@pytest.fixture
+def auth_config(policy: Policy, clock: Clock) -> ServerConfig:
+    """What ``sotto-server serve`` runs: every call needs a credential."""
+    return ServerConfig(policy=policy, clock=clock, require_auth=True)
 
 
 @pytest.fixture
@@ -31,7 +43,33 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "sotto.db"
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    try:
+        return postgres_base_url()
+    except RuntimeError as exc:
+        missing = str(exc)
+    pytest.fail(missing, pytrace=False)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A URL of an empty schema of its own on the test PostgreSQL server."""
+    with postgres_schema(postgres_server) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgresql"])
 def store_url(request: pytest.FixtureRequest, db_path: Path) -> str:
     """Every backend the store tests run against."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
     return f"sqlite:///{db_path}" if request.param == "sqlite-file" else "sqlite:///:memory:"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """Every backend, as a database that outlives the store (for plain-SQL checks and restarts)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{db_path}"

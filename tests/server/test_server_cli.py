@@ -1,4 +1,5 @@
-"""``sotto-server``: a real server process end to end, and refusals of bad flags."""
+"""``sotto-server``: a real server process end to end (tokens, admin commands, metrics, TLS, SIGTERM), and
+refusals of bad flags and unsafe configurations."""
 
 from __future__ import annotations
 
@@ -6,16 +7,30 @@ import asyncio
 import json
 import os
 import re
-import select
 import signal as signals
+import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import grpc
 import pytest
-from aggregator_testkit import ELECTRONICS, MUSIC, PROFILE, make_batch, signal
+from aggregator_testkit import (
+    ELECTRONICS,
+    MUSIC,
+    PROFILE,
+    TestCA,
+    bearer,
+    make_batch,
+    read_line,
+    row_counts,
+    signal,
+    start_server,
+    stop_server,
+)
 
 from server import open_store
 from server.cli import main
@@ -30,35 +45,37 @@ def _sotto_server(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"no output within {timeout}s; stderr: {proc.stderr.read() if proc.stderr else ''}"
-    return proc.stdout.readline()
+def _issue(db: str, *args: str, cwd: Path) -> str:
+    issued = _sotto_server("token", "issue", "--db", db, *args, cwd=cwd)
+    assert issued.returncode == 0, issued.stderr
+    return issued.stdout
 
 
 @pytest.mark.e2e
-def test_serve_ingest_profile_and_clean_sigterm(tmp_path: Path) -> None:
+def test_serve_with_tokens_admin_commands_metrics_and_clean_sigterm(tmp_path: Path) -> None:
     db = tmp_path / "data" / "sotto.db"
     db.parent.mkdir()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--db", f"sqlite:///{db}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    url = f"sqlite:///{db}"
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(_issue(url, "--admin", cwd=tmp_path))
+    device = json.loads(_issue(url, PROFILE, cwd=tmp_path))[PROFILE]
+    admin = ("--admin-token-file", str(admin_file))
+
+    server, target = start_server(url, "--metrics-listen", "127.0.0.1:0", cwd=tmp_path)
     try:
-        match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", _read_line(server, timeout=30))
-        assert match, "expected 'listening on 127.0.0.1:PORT' on stdout"
-        target = f"127.0.0.1:{match.group(1)}"
+        metrics = re.fullmatch(r"metrics on (http://127\.0\.0\.1:\d+/metrics)\n", read_line(server, 30))
+        assert metrics, "expected 'metrics on http://127.0.0.1:PORT/metrics' on stdout"
 
         batch = make_batch([signal(MUSIC, 4), signal(ELECTRONICS, 2)], base_day=day_number(utc_today()))
         with grpc.insecure_channel(target) as channel:
-            reply = signals_pb2_grpc.SignalAggregatorStub(channel).Ingest(batch, timeout=10)
+            stub = signals_pb2_grpc.SignalAggregatorStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Ingest(batch, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            reply = stub.Ingest(batch, timeout=10, metadata=bearer(device))
         assert (reply.duplicate, reply.applied_signals) == (False, 2)
 
-        shown = _sotto_server("profile", "--target", target, PROFILE, cwd=tmp_path)
+        shown = _sotto_server("profile", "--target", target, *admin, PROFILE, cwd=tmp_path)
         assert shown.returncode == 0, shown.stderr
         document = json.loads(shown.stdout)
         assert document["profile_id"] == PROFILE
@@ -71,30 +88,110 @@ def test_serve_ingest_profile_and_clean_sigterm(tmp_path: Path) -> None:
         ]
         assert [s["score"] for s in document["scores"]] == pytest.approx([1.0, 0.5])
 
-        top = _sotto_server("profile", "--target", target, "--top-k", "1", PROFILE, cwd=tmp_path)
+        top = _sotto_server("profile", "--target", target, *admin, "--top-k", "1", PROFILE, cwd=tmp_path)
         assert [s["id"] for s in json.loads(top.stdout)["scores"]] == [MUSIC]
 
-        missing = _sotto_server("profile", "--target", target, "nobody_here", cwd=tmp_path)
+        audience = _sotto_server("audience", "--target", target, *admin, MUSIC, cwd=tmp_path)
+        assert audience.returncode == 0, audience.stderr
+        assert json.loads(audience.stdout) == {
+            "category_id": MUSIC,
+            "min_score": 0.0,
+            "as_of_day": day_number(utc_today()),
+            "profiles": None,
+            "too_small": True,
+            "min_audience": 50,
+        }
+
+        with urllib.request.urlopen(metrics.group(1), timeout=10) as scraped:
+            assert 'sotto_batches_total{outcome="applied"} 1.0' in scraped.read().decode()
+
+        missing = _sotto_server("profile", "--target", target, *admin, "nobody_here", cwd=tmp_path)
         assert (missing.returncode, missing.stdout) == (3, "")
         assert "no such profile" in missing.stderr
 
-        malformed = _sotto_server("profile", "--target", target, "bad id", cwd=tmp_path)
+        malformed = _sotto_server("profile", "--target", target, *admin, "bad id", cwd=tmp_path)
         assert malformed.returncode == 2
         assert "profile_id must be" in malformed.stderr
+
+        device_file = tmp_path / "device.token"
+        device_file.write_text(device)
+        as_device = _sotto_server(
+            "audience", "--target", target, "--admin-token-file", str(device_file), MUSIC, cwd=tmp_path
+        )
+        assert as_device.returncode == 1
+        assert "AudienceSize on 127.0.0.1" in as_device.stderr and "PERMISSION_DENIED" in as_device.stderr
+
+        deleted = _sotto_server("delete", "--target", target, *admin, PROFILE, cwd=tmp_path)
+        assert (deleted.returncode, json.loads(deleted.stdout)) == (
+            0,
+            {"profile_id": PROFILE, "deleted": True},
+        )
+        gone = _sotto_server("profile", "--target", target, *admin, PROFILE, cwd=tmp_path)
+        assert gone.returncode == 3
 
         started = time.monotonic()
         server.send_signal(signals.SIGTERM)
         assert server.wait(timeout=10) == 0
         assert time.monotonic() - started < 5
-        assert "event=shutdown" in (server.stderr.read() if server.stderr else "")
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        for stream in (server.stdout, server.stderr):
-            if stream is not None:
-                stream.close()
+        log = stop_server(server)
+    assert "event=shutdown" in log
+    assert "event=profile_deleted" in log
+    assert PROFILE not in log and device not in log
     assert not (tmp_path / "sotto.db").exists()  # the default --db was not used
+    assert row_counts(db) == {"batches": 0, "profiles": 0, "scores": 0, "credentials": 1}
+
+
+@pytest.mark.e2e
+def test_serve_over_tls(tmp_path: Path) -> None:
+    files = TestCA().write(tmp_path)
+    url = f"sqlite:///{tmp_path / 'sotto.db'}"
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(_issue(url, "--admin", cwd=tmp_path))
+    server, target = start_server(
+        url, "--tls-cert", str(files["server"]), "--tls-key", str(files["server_key"]), cwd=tmp_path
+    )
+    try:
+        admin = ("--target", target, "--admin-token-file", str(admin_file))
+        over_tls = _sotto_server("delete", *admin, "--tls-ca", str(files["ca"]), PROFILE, cwd=tmp_path)
+        assert (over_tls.returncode, json.loads(over_tls.stdout)["deleted"]) == (0, False)
+        plaintext = _sotto_server("delete", *admin, "--timeout", "3", PROFILE, cwd=tmp_path)
+        assert plaintext.returncode == 1
+        assert "UNAVAILABLE" in plaintext.stderr
+    finally:
+        stop_server(server)
+
+
+def test_token_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'sotto.db'}"
+    assert main(["token", "issue", "--db", url, PROFILE, "profile_0002"]) == 0
+    tokens = json.loads(capsys.readouterr().out)
+    assert set(tokens) == {PROFILE, "profile_0002"}
+    assert all(re.fullmatch(r"sotto_[A-Za-z0-9_-]{43}", token) for token in tokens.values())
+    assert main(["token", "issue", "--db", url, "--admin"]) == 0
+    assert re.fullmatch(r"sotto_[A-Za-z0-9_-]{43}\n", capsys.readouterr().out)
+    stored = {row[0] for row in _rows(tmp_path / "sotto.db", "SELECT token_sha256 FROM credentials")}
+    assert len(stored) == 3 and not any(token.encode() in stored for token in tokens.values())
+
+    assert main(["token", "revoke", "--db", url, PROFILE]) == 0
+    assert json.loads(capsys.readouterr().out) == {"revoked": 1}
+    assert main(["token", "revoke", "--db", url, "--admin"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"revoked": 1}
+
+    for argv, message in (
+        (["token", "issue", "--db", url], "give PROFILE_ID arguments (device tokens) or --admin"),
+        (["token", "issue", "--db", url, "--admin", PROFILE], "not both"),
+        (["token", "issue", "--db", url, "bad id"], "profile id 'bad id' must be 8 to 64 characters"),
+        (["token", "revoke", "--db", "mysql://db/x", PROFILE], "unknown store URL scheme 'mysql'"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert len(_rows(tmp_path / "sotto.db", "SELECT * FROM credentials")) == 1
+
+
+def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql).fetchall()
 
 
 @pytest.mark.parametrize(
@@ -106,11 +203,22 @@ def test_serve_ingest_profile_and_clean_sigterm(tmp_path: Path) -> None:
         pytest.param(["serve", "--half-life-days", "soon"], id="half-life-text"),
         pytest.param(["serve", "--max-signals-per-batch", "0"], id="max-signals"),
         pytest.param(["serve", "--max-message-bytes", "10"], id="message-bytes"),
+        pytest.param(["serve", "--rate-per-second", "0"], id="rate"),
+        pytest.param(["serve", "--rate-burst", "0"], id="burst"),
+        pytest.param(["serve", "--max-concurrent-rpcs", "0"], id="concurrency"),
+        pytest.param(["serve", "--request-timeout-seconds", "0"], id="request-timeout"),
+        pytest.param(["serve", "--retention-days", "0"], id="retention"),
+        pytest.param(["serve", "--min-audience", "1"], id="min-audience"),
+        pytest.param(["serve", "--metrics-listen", "9464"], id="metrics-no-host"),
         pytest.param(["serve", "--log-level", "LOUD"], id="log-level"),
         pytest.param(["serve", "--unknown"], id="unknown-flag"),
         pytest.param(["profile"], id="profile-missing-id"),
         pytest.param(["profile", "--top-k", "-1", PROFILE], id="top-k"),
         pytest.param(["profile", "--timeout", "0", PROFILE], id="timeout"),
+        pytest.param(["audience"], id="audience-missing-category"),
+        pytest.param(["audience", "--min-score", "-1", MUSIC], id="min-score"),
+        pytest.param(["delete"], id="delete-missing-id"),
+        pytest.param(["token"], id="token-missing-action"),
         pytest.param([], id="no-command"),
     ],
 )
@@ -129,10 +237,19 @@ def test_bad_flags_exit_2(
     ("argv", "message"),
     [
         (["--db", "mysql://root:secret@db/sotto"], "unknown store URL scheme 'mysql'"),
-        (["--db", "postgresql://db/sotto"], "postgresql:// stores are not available in this build yet"),
+        (
+            ["--db", "postgresql://sotto:secret@127.0.0.1:1/sotto"],
+            "cannot use PostgreSQL database sotto@127.0.0.1:1/sotto",
+        ),
         (["--db", "sqlite:///missing/sotto.db"], "folder missing does not exist"),
         (["--db", "sqlite://host/sotto.db"], "bad SQLite URL"),
         (["--models", "no-such-models"], "no Sotto models folder at no-such-models"),
+        (["--tls-cert", "server.pem"], "give both --tls-cert and --tls-key, or neither"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"),
+        (
+            ["--tls-cert", "server.pem", "--tls-key", "server.key"],
+            "cannot read TLS certificate chain server.pem",
+        ),
     ],
 )
 def test_bad_configuration_exits_2_without_creating_anything(
@@ -150,6 +267,27 @@ def test_bad_configuration_exits_2_without_creating_anything(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_plaintext_off_loopback_needs_insecure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--listen", "0.0.0.0:0", "--db", "sqlite:///:memory:"]) == 2
+    assert "refusing to serve plaintext on 0.0.0.0:0" in capsys.readouterr().err
+
+
+def test_not_pem_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "server.pem").write_text("not a certificate")
+    (tmp_path / "server.key").write_text("not a key")
+    argv = ["serve", "--listen", "127.0.0.1:0", "--tls-cert", "server.pem", "--tls-key", "server.key"]
+    assert main(argv) == 2
+    assert (
+        "server.pem is not PEM; expected the TLS certificate chain in PEM format" in capsys.readouterr().err
+    )
+
+
 def test_environment_variables_set_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -162,6 +300,12 @@ def test_environment_variables_set_options(
         main(["serve"])
     assert info.value.code == 2
     assert "--half-life-days: must be greater than 0" in capsys.readouterr().err
+    monkeypatch.delenv("SOTTO_HALF_LIFE_DAYS")
+    monkeypatch.setenv("SOTTO_DB", "sqlite:///:memory:")
+    monkeypatch.setenv("SOTTO_LISTEN", "0.0.0.0:0")
+    monkeypatch.setenv("SOTTO_TLS_CERT", "server.pem")
+    assert main(["serve"]) == 2
+    assert "give both --tls-cert and --tls-key" in capsys.readouterr().err
 
 
 def test_half_life_mismatch_exits_2(
@@ -186,14 +330,48 @@ def test_help_shows_defaults_and_environment_variables(capsys: pytest.CaptureFix
         "(default: 127.0.0.1:50051)",
         "[env SOTTO_HALF_LIFE_DAYS] (default: 30)",
         "[env SOTTO_MAX_SIGNALS_PER_BATCH] (default: 100)",
+        "[env SOTTO_RETENTION_DAYS] (default: 180)",
+        "[env SOTTO_MIN_AUDIENCE] (default: 50)",
+        "[env SOTTO_RATE_PER_SECOND] (default: 1)",
+        "[env SOTTO_TLS_CERT]",
+        "[env SOTTO_INSECURE=1]",
+        "[env SOTTO_METRICS_LISTEN]",
         "[env SOTTO_MODELS_DIR]",
     ):
         assert expected in text
+    with pytest.raises(SystemExit):
+        main(["audience", "--help"])
+    assert "[env SOTTO_ADMIN_TOKEN_FILE]" in " ".join(capsys.readouterr().out.split())
 
 
-def test_profile_against_no_server_fails_with_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["profile", "--target", "127.0.0.1:1", "--timeout", "2", PROFILE]) == 1
+def test_admin_command_against_no_server_fails_with_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("sotto_whatever\n")
+    argv = ["profile", "--target", "127.0.0.1:1", "--timeout", "2", "--admin-token-file", str(token), PROFILE]
+    assert main(argv) == 1
     assert "GetProfile on 127.0.0.1:1 failed: UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (None, "an admin token is needed: --admin-token-file FILE"),
+        ("", "must hold one token on one line"),
+        ("two tokens", "must hold one token on one line"),
+    ],
+    ids=["no-file", "empty", "two-words"],
+)
+def test_admin_commands_need_a_token(
+    setup: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["delete", "--target", "127.0.0.1:1", PROFILE]
+    if setup is not None:
+        (tmp_path / "admin.token").write_text(setup)
+        argv += ["--admin-token-file", str(tmp_path / "admin.token")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_console_script_is_installed() -> None:
@@ -201,4 +379,5 @@ def test_console_script_is_installed() -> None:
     assert script.exists()
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60, env=os.environ)
     assert result.returncode == 0
-    assert "serve" in result.stdout
+    for command in ("serve", "profile", "delete", "audience", "token"):
+        assert command in result.stdout

@@ -1,9 +1,8 @@
-"""Exactly-once application of batches."""
+"""Exactly-once application of batches, on every backend."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,11 +16,11 @@ from sotto.v1 import signals_pb2
 GET_PROFILE = signals_pb2.GetProfileRequest(profile_id=PROFILE)
 
 
-def test_resent_batch_is_a_duplicate_and_changes_nothing(config: ServerConfig, db_path: Path) -> None:
+def test_resent_batch_is_a_duplicate_and_changes_nothing(config: ServerConfig, db_url: str) -> None:
     batch = make_batch([signal(MUSIC, 4), signal(ELECTRONICS, 2)])
 
     async def scenario() -> None:
-        async with running(f"sqlite:///{db_path}", config) as r:
+        async with running(db_url, config) as r:
             first = await r.stub.Ingest(batch, timeout=5)
             assert (first.batch_id, first.duplicate, first.applied_signals) == (batch.batch_id, False, 2)
             before = await r.stub.GetProfile(GET_PROFILE, timeout=5)
@@ -34,14 +33,14 @@ def test_resent_batch_is_a_duplicate_and_changes_nothing(config: ServerConfig, d
             assert {s.category_id: s.score for s in after.scores} == {MUSIC: 1.0, ELECTRONICS: 0.5}
 
     asyncio.run(scenario())
-    assert row_counts(db_path) == {"batches": 1, "profiles": 1, "scores": 2}
+    assert row_counts(db_url) == {"batches": 1, "profiles": 1, "scores": 2, "credentials": 0}
 
 
-def test_resent_batch_with_signals_reordered_is_a_duplicate(config: ServerConfig, db_path: Path) -> None:
+def test_resent_batch_with_signals_reordered_is_a_duplicate(config: ServerConfig, db_url: str) -> None:
     a, b = signal(MUSIC, 4), signal(ELECTRONICS, 2)
 
     async def scenario() -> None:
-        async with running(f"sqlite:///{db_path}", config) as r:
+        async with running(db_url, config) as r:
             await r.stub.Ingest(make_batch([a, b], batch_id=bytes(16)), timeout=5)
             again = await r.stub.Ingest(make_batch([b, a], batch_id=bytes(16)), timeout=5)
             assert again.duplicate
@@ -62,14 +61,14 @@ def test_resent_batch_with_signals_reordered_is_a_duplicate(config: ServerConfig
     ],
 )
 def test_reused_batch_id_with_other_content_is_refused(
-    signals: list[signals_pb2.Signal], fields: dict[str, object], config: ServerConfig, db_path: Path
+    signals: list[signals_pb2.Signal], fields: dict[str, object], config: ServerConfig, db_url: str
 ) -> None:
     batch_id = b"\x01" * 16
     original = make_batch([signal(MUSIC, 4)], batch_id=batch_id)
     reused = make_batch(signals, batch_id=batch_id, **fields)
 
     async def scenario() -> None:
-        async with running(f"sqlite:///{db_path}", config) as r:
+        async with running(db_url, config) as r:
             await r.stub.Ingest(original, timeout=5)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await r.stub.Ingest(reused, timeout=5)
@@ -80,7 +79,7 @@ def test_reused_batch_id_with_other_content_is_refused(
             assert {s.category_id: s.score for s in profile.scores} == {MUSIC: 1.0}
 
     asyncio.run(scenario())
-    assert row_counts(db_path) == {"batches": 1, "profiles": 1, "scores": 1}
+    assert row_counts(db_url) == {"batches": 1, "profiles": 1, "scores": 1, "credentials": 0}
 
 
 def test_concurrent_resends_apply_once(store_url: str, config: ServerConfig) -> None:

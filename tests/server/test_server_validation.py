@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -17,6 +15,7 @@ from aggregator_testkit import (
     SENSITIVE,
     TODAY_DAY,
     Clock,
+    dump_tables,
     make_batch,
     row_counts,
     running,
@@ -78,8 +77,9 @@ INVALID = [
         id="future",
     ),
     pytest.param(
-        make_batch(base_day=TODAY_DAY - 401),
-        f"base_day {TODAY_DAY - 401} is too old; expected at least {TODAY_DAY - 400}",
+        make_batch(base_day=TODAY_DAY - 181),
+        f"base_day {TODAY_DAY - 181} is too old; expected at least {TODAY_DAY - 180} (2025-09-02, "
+        "180 days ago: the retention period)",
         id="too-old",
     ),
     pytest.param(make_batch(base_day=2**32 - 1), "is in the future", id="base_day-max"),
@@ -89,11 +89,6 @@ INVALID = [
         id="second-signal",
     ),
 ]
-
-
-def _dump(path: Path) -> dict[str, list[tuple[object, ...]]]:
-    with closing(sqlite3.connect(path)) as conn:
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}")) for t in ("batches", "profiles", "scores")}
 
 
 def _ingest_error(
@@ -117,7 +112,7 @@ def test_invalid_batch_is_refused_and_writes_nothing(
     error = _ingest_error(db_path, config, batch)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.details()
-    assert row_counts(db_path) == {"batches": 0, "profiles": 0, "scores": 0}
+    assert row_counts(db_path) == {"batches": 0, "profiles": 0, "scores": 0, "credentials": 0}
 
 
 @pytest.mark.parametrize(("batch", "message"), INVALID)
@@ -127,11 +122,11 @@ def test_invalid_batch_leaves_existing_data_untouched(
     async def scenario() -> None:
         async with running(f"sqlite:///{db_path}", config) as r:
             await r.stub.Ingest(make_batch(), timeout=5)
-            before = _dump(db_path)
+            before = dump_tables(db_path)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await r.stub.Ingest(batch, timeout=5)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert _dump(db_path) == before
+            assert dump_tables(db_path) == before
 
     asyncio.run(scenario())
 
@@ -139,7 +134,7 @@ def test_invalid_batch_leaves_existing_data_untouched(
 def test_message_larger_than_the_limit_is_refused(config: ServerConfig, db_path: Path) -> None:
     error = _ingest_error(db_path, config, make_batch([signal("x" * 70_000)]))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert row_counts(db_path) == {"batches": 0, "profiles": 0, "scores": 0}
+    assert row_counts(db_path) == {"batches": 0, "profiles": 0, "scores": 0, "credentials": 0}
 
 
 def test_max_signals_per_batch_comes_from_config(config: ServerConfig, db_path: Path) -> None:
@@ -153,7 +148,7 @@ def test_max_signals_per_batch_comes_from_config(config: ServerConfig, db_path: 
     "batch",
     [
         pytest.param(make_batch(base_day=TODAY_DAY + 1), id="tomorrow"),
-        pytest.param(make_batch(base_day=TODAY_DAY - 400), id="400-days-ago"),
+        pytest.param(make_batch(base_day=TODAY_DAY - 180), id="180-days-ago"),
         pytest.param(make_batch([signal(day_offset=30)]), id="offset-30"),
         pytest.param(make_batch([signal(weight_level=w) for w in (1, 2, 3, 4)]), id="all-weights"),
         pytest.param(make_batch([signal()] * 100), id="100-signals"),
@@ -165,6 +160,13 @@ def test_max_signals_per_batch_comes_from_config(config: ServerConfig, db_path: 
 def test_boundary_values_are_accepted(batch: signals_pb2.SignalBatch, config: ServerConfig) -> None:
     validated = validate_batch(batch, config)
     assert len(validated.signals) == len(batch.signals)
+
+
+def test_without_retention_limit_batches_are_accepted_for_400_days(config: ServerConfig) -> None:
+    long_retention = dataclasses.replace(config, retention_days=1000)
+    validate_batch(make_batch(base_day=TODAY_DAY - 400), long_retention)
+    with pytest.raises(ValidationError, match="400 days ago: the oldest batch accepted"):
+        validate_batch(make_batch(base_day=TODAY_DAY - 401), long_retention)
 
 
 def test_region_block_follows_its_effective_date(config: ServerConfig, clock: Clock) -> None:

@@ -75,3 +75,35 @@ class Profile(_message.Message):
     scores: _containers.RepeatedCompositeFieldContainer[CategoryScore]
     batches: int
     def __init__(self, profile_id: _Optional[str] = ..., taxonomy_version: _Optional[str] = ..., as_of_day: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[CategoryScore, _Mapping]]] = ..., batches: _Optional[int] = ...) -> None: ...
+
+class DeleteProfileRequest(_message.Message):
+    __slots__ = ("profile_id",)
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    profile_id: str
+    def __init__(self, profile_id: _Optional[str] = ...) -> None: ...
+
+class DeleteProfileResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class AudienceSizeRequest(_message.Message):
+    __slots__ = ("category_id", "min_score")
+    CATEGORY_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    category_id: str
+    min_score: float
+    def __init__(self, category_id: _Optional[str] = ..., min_score: _Optional[float] = ...) -> None: ...
+
+class AudienceSizeResponse(_message.Message):
+    __slots__ = ("too_small", "profiles", "min_audience", "as_of_day")
+    TOO_SMALL_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    MIN_AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_DAY_FIELD_NUMBER: _ClassVar[int]
+    too_small: bool
+    profiles: int
+    min_audience: int
+    as_of_day: int
+    def __init__(self, too_small: _Optional[bool] = ..., profiles: _Optional[int] = ..., min_audience: _Optional[int] = ..., as_of_day: _Optional[int] = ...) -> None: ...

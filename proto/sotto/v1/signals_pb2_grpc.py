@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class SignalAggregatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication travels in call metadata ("authorization: Bearer <token>") or as a TLS client
+    certificate, never in these messages.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -44,20 +46,46 @@ class SignalAggregatorStub:
                 request_serializer=sotto_dot_v1_dot_signals__pb2.GetProfileRequest.SerializeToString,
                 response_deserializer=sotto_dot_v1_dot_signals__pb2.Profile.FromString,
                 _registered_method=True)
+        self.DeleteProfile = channel.unary_unary(
+                '/sotto.v1.SignalAggregator/DeleteProfile',
+                request_serializer=sotto_dot_v1_dot_signals__pb2.DeleteProfileRequest.SerializeToString,
+                response_deserializer=sotto_dot_v1_dot_signals__pb2.DeleteProfileResponse.FromString,
+                _registered_method=True)
+        self.AudienceSize = channel.unary_unary(
+                '/sotto.v1.SignalAggregator/AudienceSize',
+                request_serializer=sotto_dot_v1_dot_signals__pb2.AudienceSizeRequest.SerializeToString,
+                response_deserializer=sotto_dot_v1_dot_signals__pb2.AudienceSizeResponse.FromString,
+                _registered_method=True)
 
 
 class SignalAggregatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication travels in call metadata ("authorization: Bearer <token>") or as a TLS client
+    certificate, never in these messages.
+    """
 
     def Ingest(self, request, context):
-        """Validates and applies one batch exactly once.
+        """Validates and applies one batch exactly once. Devices only, for the profile they are bound to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetProfile(self, request, context):
-        """Returns the profile's decayed interest scores.
+        """Returns the profile's decayed interest scores. Admin, or a device for its own profile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProfile(self, request, context):
+        """Erases the profile, its batch ids and its device tokens. Admin, or a device for its own profile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudienceSize(self, request, context):
+        """Counts the profiles interested in a category, only when there are enough of them. Admin only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +104,16 @@ def add_SignalAggregatorServicer_to_server(servicer, server):
                     request_deserializer=sotto_dot_v1_dot_signals__pb2.GetProfileRequest.FromString,
                     response_serializer=sotto_dot_v1_dot_signals__pb2.Profile.SerializeToString,
             ),
+            'DeleteProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProfile,
+                    request_deserializer=sotto_dot_v1_dot_signals__pb2.DeleteProfileRequest.FromString,
+                    response_serializer=sotto_dot_v1_dot_signals__pb2.DeleteProfileResponse.SerializeToString,
+            ),
+            'AudienceSize': grpc.unary_unary_rpc_method_handler(
+                    servicer.AudienceSize,
+                    request_deserializer=sotto_dot_v1_dot_signals__pb2.AudienceSizeRequest.FromString,
+                    response_serializer=sotto_dot_v1_dot_signals__pb2.AudienceSizeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'sotto.v1.SignalAggregator', rpc_method_handlers)
@@ -85,7 +123,9 @@ def add_SignalAggregatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SignalAggregator:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication travels in call metadata ("authorization: Bearer <token>") or as a TLS client
+    certificate, never in these messages.
+    """
 
     @staticmethod
     def Ingest(request,
@@ -131,6 +171,60 @@ class SignalAggregator:
             '/sotto.v1.SignalAggregator/GetProfile',
             sotto_dot_v1_dot_signals__pb2.GetProfileRequest.SerializeToString,
             sotto_dot_v1_dot_signals__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sotto.v1.SignalAggregator/DeleteProfile',
+            sotto_dot_v1_dot_signals__pb2.DeleteProfileRequest.SerializeToString,
+            sotto_dot_v1_dot_signals__pb2.DeleteProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudienceSize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sotto.v1.SignalAggregator/AudienceSize',
+            sotto_dot_v1_dot_signals__pb2.AudienceSizeRequest.SerializeToString,
+            sotto_dot_v1_dot_signals__pb2.AudienceSizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
