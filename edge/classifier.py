@@ -78,6 +78,29 @@ class ClassifierMeta:
             raise ModelError(f"{path}: malformed classifier metadata ({exc})") from None
 
 
+def outputs_from_probabilities(
+    meta: ClassifierMeta, interest: np.ndarray, sensitive: np.ndarray
+) -> list[ClassifierOutput]:
+    """Turn the model's two probability matrices into one ClassifierOutput per row."""
+    none_interest = meta.interest_labels.index(NONE_LABEL)
+    none_sensitive = meta.sensitive_labels.index(NONE_LABEL)
+    out = []
+    for p_int, p_sen in zip(interest, sensitive, strict=True):
+        ranked = [
+            (meta.interest_labels[i], float(p_int[i])) for i in np.argsort(-p_int) if i != none_interest
+        ]
+        sen_classes = [i for i in np.argsort(-p_sen) if i != none_sensitive]
+        out.append(
+            ClassifierOutput(
+                interests=ranked,
+                no_interest=float(p_int[none_interest]),
+                sensitive=float(1.0 - p_sen[none_sensitive]),
+                sensitive_class=meta.sensitive_labels[sen_classes[0]],
+            )
+        )
+    return out
+
+
 class TextClassifier:
     """Runs the shipped classifier on normalized text."""
 
@@ -99,6 +122,9 @@ class TextClassifier:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_file(str(paths["tokenizer"]))
+        # The tokenizer file may carry fixed-length padding (MiniLM's pads to 128): every query would then
+        # cost 128 positions, and padding shifts the int8 model's activation scales. Real length only.
+        self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.meta.max_tokens)
 
         import onnxruntime as ort
@@ -108,8 +134,6 @@ class TextClassifier:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         self._session = ort.InferenceSession(str(paths["onnx"]), opts, providers=["CPUExecutionProvider"])
-        self._none_interest = self.meta.interest_labels.index(NONE_LABEL)
-        self._none_sensitive = self.meta.sensitive_labels.index(NONE_LABEL)
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Raw (interest, sensitivity) probability matrices for already normalized texts.
@@ -133,21 +157,7 @@ class TextClassifier:
     def classify_batch(self, texts: list[str]) -> list[ClassifierOutput]:
         normalized = [normalize_text(t) or "." for t in texts]
         interest, sensitive = self.probabilities(normalized)
-        out = []
-        labels = self.meta.interest_labels
-        for p_int, p_sen in zip(interest, sensitive, strict=True):
-            order = np.argsort(-p_int)
-            ranked = [(labels[i], float(p_int[i])) for i in order if i != self._none_interest]
-            sen_classes = [i for i in np.argsort(-p_sen) if i != self._none_sensitive]
-            out.append(
-                ClassifierOutput(
-                    interests=ranked,
-                    no_interest=float(p_int[self._none_interest]),
-                    sensitive=float(1.0 - p_sen[self._none_sensitive]),
-                    sensitive_class=self.meta.sensitive_labels[sen_classes[0]],
-                )
-            )
-        return out
+        return outputs_from_probabilities(self.meta, interest, sensitive)
 
     def classify(self, text: str) -> ClassifierOutput:
         return self.classify_batch([text])[0]

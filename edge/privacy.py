@@ -22,8 +22,11 @@ WEIGHT_LEVELS = 4
 class FilterOptions:
     """Thresholds of the filter (the sensitivity threshold comes from the model's metadata)."""
 
-    #: Minimum probability for an interest category to become a signal.
-    min_confidence: float = 0.35
+    #: An utterance is commercial only when P(no interest) is below this.
+    max_no_interest: float = 0.5
+    #: A category becomes a signal only with at least this share of the interest probability mass
+    #: (related categories split the mass: "running shoes" is Sports Equipment and Fitness).
+    min_share: float = 0.3
     #: At most this many signals per utterance, best first.
     max_signals: int = 2
     #: Override the model's recall-first sensitivity threshold (lower = stricter).
@@ -86,21 +89,25 @@ class PrivacyFilter:
             return Dropped("region", f"no profiling in {rule.region} ({rule.note})")
         return None
 
-    def decide(self, output: ClassifierOutput, today: dt.date) -> list[Interest] | Dropped:
-        """Signals for one classified utterance, or why there are none."""
-        if output.sensitive >= self.sensitive_threshold:
-            return Dropped("sensitive", output.sensitive_class)
-        day = day_number(today)
+    def select_interests(self, output: ClassifierOutput, day: int) -> list[Interest]:
+        """The signals an utterance yields if it is not sensitive: none unless it is commercial, then the
+        leading categories, weighted by their share of the interest probability mass."""
+        if output.no_interest >= self.options.max_no_interest:
+            return []
+        mass = 1.0 - output.no_interest
         signals: list[Interest] = []
         for cid, prob in output.interests:
-            if prob < self.options.min_confidence or len(signals) >= self.options.max_signals:
+            share = prob / mass
+            if share < self.options.min_share or len(signals) >= self.options.max_signals:
                 break
             # Belt and braces: the model's label set is checked at build time, and checked again here.
             if cid not in self.policy.interest_ids or cid in self.policy.sensitive:
                 continue
-            if prob <= output.no_interest:
-                break
-            signals.append(Interest(cid, weight_level(prob), day))
-        if not signals:
-            return Dropped("no_interest", None)
+            signals.append(Interest(cid, weight_level(share), day))
         return signals
+
+    def decide(self, output: ClassifierOutput, today: dt.date) -> list[Interest] | Dropped:
+        """Signals for one classified utterance, or why there are none."""
+        if output.sensitive >= self.sensitive_threshold:
+            return Dropped("sensitive", output.sensitive_class)
+        return self.select_interests(output, day_number(today)) or Dropped("no_interest", None)

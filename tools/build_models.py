@@ -34,9 +34,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.classifier import NONE_LABEL, normalize_text  # noqa: E402
+from edge.classifier import (  # noqa: E402
+    NONE_LABEL,
+    ClassifierMeta,
+    normalize_text,
+    outputs_from_probabilities,
+)
 from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
-from edge.privacy import FilterOptions  # noqa: E402
+from edge.privacy import FilterOptions, PrivacyFilter  # noqa: E402
 from tools import modeldata  # noqa: E402
 
 SEED = 20261122
@@ -302,10 +307,12 @@ def calibrate_and_describe(
     texts = [normalize_text(e.text) for e in calib]
     p_int, p_sen = onnx_probabilities(out / "classifier.onnx", tokenizer, texts)
     flagged = 1.0 - p_sen[:, 0]
-    # Would the interest head emit a signal (the privacy filter's rule) if nothing were flagged?
-    none = interest_labels.index(NONE_LABEL)
-    best = np.where(np.arange(p_int.shape[1]) == none, -1.0, p_int).max(axis=1)
-    emits = (best >= FilterOptions().min_confidence) & (best > p_int[:, none])
+    # Would the device emit a signal for the query if it were not flagged? Asked of the filter itself.
+    labels = ClassifierMeta(interest_labels, sensitive_labels, 1.0, MAX_TOKENS, {}, {})
+    device_filter = PrivacyFilter(Policy.load(out), sensitive_threshold=1.0, options=FilterOptions())
+    emits = np.array(
+        [bool(device_filter.select_interests(o, 0)) for o in outputs_from_probabilities(labels, p_int, p_sen)]
+    )
     is_sensitive = np.array([e.sensitive != NONE_LABEL for e in calib])
     threshold = pick_threshold(flagged, emits, is_sensitive)
     leaked = is_sensitive & emits & (flagged < threshold)
@@ -314,7 +321,9 @@ def calibrate_and_describe(
         f"recall {np.mean(flagged[is_sensitive] >= threshold):.4f}, "
         f"benign flagged {np.mean(flagged[~is_sensitive] >= threshold):.4f}"
     )
-    shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+    # Ship the tokenizer as the device uses it: truncated to MAX_TOKENS, no padding.
+    tokenizer.no_padding()
+    tokenizer.save(str(out / "tokenizer.json"))
     shutil.copyfile(modeldata.DATA / "interest_categories.tsv", out / "interest_categories.tsv")
     meta = {
         "taxonomy_version": "3.1",

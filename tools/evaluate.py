@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.pipeline import EdgeConfig, EdgeModels, Pipeline  # noqa: E402
 from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
+from edge.privacy import FilterOptions  # noqa: E402
 from tools import modeldata  # noqa: E402
 
 DAY = dt.date(2026, 6, 1)
@@ -116,7 +117,8 @@ def baseline(
     policy: Policy,
     threshold_recall: float = 0.995,
 ) -> dict[str, Any]:
-    """TF-IDF word+char n-grams with logistic regression, same labels and recall-first threshold."""
+    """TF-IDF word+char n-grams with logistic regression: same labels, the device filter's rule, and a
+    threshold flagging 99.5% of sensitive training queries out of fold."""
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -126,33 +128,40 @@ def baseline(
     from edge.classifier import normalize_text
 
     train = [e for e in examples if e.split == "train"]
-    feats = make_union(
-        TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=3, sublinear_tf=True),
-    )
+
+    def features():  # type: ignore[no-untyped-def]
+        return make_union(
+            TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=3, sublinear_tf=True),
+        )
+
     x_text = [normalize_text(e.text) for e in train]
-    sen = make_pipeline(feats, LogisticRegression(max_iter=2000, C=4.0, class_weight="balanced"))
+    sen = make_pipeline(features(), LogisticRegression(max_iter=2000, C=4.0, class_weight="balanced"))
     y_sen = np.array([e.sensitive != "none" for e in train])
     oof = cross_val_predict(sen, x_text, y_sen, cv=5, method="predict_proba")[:, 1]
     scores = np.sort(oof[y_sen])
     thr = float(scores[int((1 - threshold_recall) * len(scores))])
     sen.fit(x_text, y_sen)
     rows = [i for i, e in enumerate(train) if e.interest is not None and e.sensitive == "none"]
-    interest = make_pipeline(feats, LogisticRegression(max_iter=2000, C=8.0))
+    interest = make_pipeline(features(), LogisticRegression(max_iter=2000, C=8.0))
     interest.fit([x_text[i] for i in rows], [train[i].interest for i in rows])
     ev_text = [normalize_text(e.text) for e in evals]
     p_sen = sen.predict_proba(ev_text)[:, 1]
     p_int = interest.predict_proba(ev_text)
     labels = list(interest.classes_)
+    none = labels.index("none")
+    options = FilterOptions()
     got: list[tuple[str | None, str | None]] = []
     for ps, pi in zip(p_sen, p_int, strict=True):
-        best = labels[int(np.argmax(pi))]
+        # The device filter's rule: commercial only if P(none) is low, then the leader's share of the rest.
+        ranked = [i for i in np.argsort(-pi) if i != none]
+        share = pi[ranked[0]] / max(1e-9, 1.0 - pi[none])
         if ps >= thr:
             got.append((None, "sensitive"))
-        elif best == "none" or pi.max() < 0.35:
+        elif pi[none] >= options.max_no_interest or share < options.min_share:
             got.append((None, "no_interest"))
         else:
-            got.append((best, None))
+            got.append((labels[ranked[0]], None))
     return metrics(evals, got, policy)
 
 
@@ -162,13 +171,15 @@ def check(name: str, value: float) -> str:
     return f"{'meets' if ok else 'MISSES'} {op} {target:g}"
 
 
-def render(m: dict[str, Any], lat: tuple[float, float], size_mb: float, base: dict[str, Any] | None) -> str:
+def render(
+    m: dict[str, Any], lat: tuple[float, float], size_mb: float, base: dict[str, Any] | None, command: str
+) -> str:
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     c = m["counts"]
     lines = [
         f"Held-out evaluation: {c['interest']} interest, {c['no_interest']} no-interest, "
         f"{c['sensitive']} sensitive "
-        f"queries ({c['benign']} benign in all). Command: `python tools/evaluate.py --write-card`.",
+        f"queries ({c['benign']} benign in all). Command: `{command}`.",
         "",
         "| metric | shipped model | baseline (TF-IDF + LR) | target |",
         "| --- | --- | --- | --- |",
@@ -228,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((args.models / "classifier.json").read_text())
     size_mb = sum((args.models / f).stat().st_size for f in meta["files"].values()) / 1e6
     base = baseline(examples, evals, models.policy) if args.baseline else None
-    report = render(m, lat, size_mb, base)
+    command = " ".join(["python tools/evaluate.py", *(argv if argv is not None else sys.argv[1:])])
+    report = render(m, lat, size_mb, base, command)
     print(report)
     if args.json:
         args.json.write_text(

@@ -1,25 +1,26 @@
-"""Export the Sotto text classifier to TFLite (LiteRT) and run it, with the same decisions as ONNX.
+"""Export the Sotto text classifier to TFLite (LiteRT) and run it.
 
-Recipe (measured on all-MiniLM-L6-v2 + two heads; see the report that came with this file):
+Recipe (measured on all-MiniLM-L6-v2 + two heads; figures in the report that came with this file):
 
-1. The model is traced by ``litert_torch.convert`` (PyTorch -> StableHLO -> TFLite, no ONNX or
+1. The model is traced by ``litert_torch.convert`` (torch.export -> StableHLO -> TFLite; no ONNX or
    TensorFlow in between) at a fixed shape ``[1, max_tokens]``, from a *padded* sample.
-2. While tracing, the 2-D padding mask handed to every Hugging Face encoder inside the model is
-   turned into a 4-D additive float mask by a forward pre-hook (see ``_additive_attention_masks``).
-   Without it, transformers' mask builder indexes a bool tensor (``padding_mask[batch, kv]``), which
-   lowers to ``GATHER_ND`` v5 (bool input): tflite-runtime 2.14 refuses to load such a file, and the
-   arithmetic mask is exactly what BERT computed before transformers 4.48 anyway.
-3. ``quantize="dynamic_int8"`` runs the AI Edge Quantizer on the float file: int8 per-channel
-   weights for every fully connected layer and the embedding table, activations quantized on the fly
-   (dynamic range). ``"weight_only_int8"`` stores int8 weights but dequantizes them at load time and
-   computes in float.
-4. The converted file is checked against the PyTorch model on padded probes of several lengths
-   before it is written, so a graph that froze the padding of the tracing sample is never shipped.
+2. While tracing, the 2-D padding mask handed to every Hugging Face model inside it is turned into a
+   4-D additive float mask by a forward pre-hook (``_additive_attention_masks``). Without it,
+   transformers' mask builder indexes a bool tensor, which lowers to ``GATHER_ND`` v5: tflite-runtime
+   2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND' version '5'").
+3. ``quantize="dynamic_int8"`` runs the AI Edge Quantizer on the float file: symmetric per-channel int8
+   weights for every fully connected layer and the embedding table, activations quantized at run time
+   (XNNPACK does it per token row, which is why this stays closer to float than ONNX Runtime's
+   per-tensor dynamic int8). ``"weight_only_int8"``: same size on disk, weights dequantized to float
+   (slower, more RAM, but the one int8 file tflite-runtime 2.14 computes correctly).
+4. Before anything is written, the file is run against the PyTorch model on probes padded to several
+   lengths, so a graph that froze the tracing sample's padding is never shipped.
 
-The converter side needs ``litert-torch`` (which pulls ``ai-edge-litert``, ``ai-edge-quantizer``,
-``litert-converter`` and jax, so numpy >= 2); running needs only ``ai-edge-litert`` (or
-``tflite-runtime`` where it can load the file). int64 token ids become int32 TFLite inputs named
-``input_ids`` and ``attention_mask``; outputs are named ``interest_probs`` and ``sensitive_probs``.
+Converting needs ``litert-torch`` (it pulls ai-edge-litert, ai-edge-quantizer, litert-converter and
+jax, hence numpy >= 2). Running needs only numpy and ``ai-edge-litert``, or ``tflite-runtime`` for the
+files it handles (see ``load_interpreter``). The file's inputs are int32 ``input_ids`` and
+``attention_mask`` of shape ``[1, max_tokens]`` (the converter narrows int64), its outputs float32
+``interest_probs`` and ``sensitive_probs``, all in the ``serving_default`` signature.
 """
 
 from __future__ import annotations
@@ -101,11 +102,12 @@ def tflite_probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run token rows through a file made by ``export_tflite``; returns (interest, sensitive) [n, k].
 
-    ``ids`` and ``mask`` are ``[n, L]`` (or ``[L]``) integer arrays of any integer dtype. Rows are
-    truncated or zero-padded to the model's fixed length (padding id 0, mask 0), so a tokenizer that
-    pads to the longest row of a batch, as the ONNX path does, can feed this directly. The graph has
-    batch size 1: rows run one after another. Interpreters are cached per (file, threads) and are not
-    thread-safe: one calling thread per cached interpreter.
+    ``ids`` and ``mask`` are ``[n, L]`` (or ``[L]``) integer arrays of any integer dtype, tokenized with
+    truncation to the model's length. Rows are zero-padded (id 0, mask 0) to that fixed length, so a
+    tokenizer that pads to the longest row of a batch, as the ONNX path does, can feed this directly;
+    extra columns are dropped only if they are padding. The graph has batch size 1: rows run one after
+    another. Interpreters are cached per (file, threads) and are not thread-safe: one calling thread
+    per cached interpreter.
     """
     ids = np.atleast_2d(np.asarray(ids))
     mask = np.atleast_2d(np.asarray(mask))
@@ -120,6 +122,9 @@ def tflite_probabilities(
     n, width = ids.shape
     fixed_ids = np.zeros((n, session.length), dtype=ids_dtype)
     fixed_mask = np.zeros((n, session.length), dtype=mask_dtype)
+    if width > session.length and mask[:, session.length :].any():
+        # Cutting here would drop [SEP] and differ from the ONNX path, whose tokenizer truncates.
+        raise ValueError(f"rows longer than the model's {session.length} tokens: tokenize with truncation")
     keep = min(width, session.length)
     fixed_ids[:, :keep] = ids[:, :keep]
     fixed_mask[:, :keep] = mask[:, :keep]
@@ -342,7 +347,7 @@ def _check_against_torch(model: Any, content: bytes, max_tokens: int, quantize: 
         path = Path(tmp) / "probe.tflite"
         path.write_bytes(content)
         got = tflite_probabilities(path, ids, mask)
-        _session.cache_clear()
+        _session.cache_clear()  # drop the interpreter on the temporary file before it is deleted
 
     for name, want, have in zip(OUTPUT_NAMES, expected_np, got, strict=True):
         if have.shape != want.shape:

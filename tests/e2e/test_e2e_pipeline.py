@@ -30,7 +30,7 @@ REAL_CLIPS = [
 SPOKEN = {
     "interest_flight.wav": "book me a flight to paris for next week",
     "interest_shoes.wav": "where can i buy new running shoes",
-    "sensitive_chemo.wav": "what are the side effects of my chemotherapy",
+    "sensitive_pain.wav": "i need a doctor for my back pain",
     "sensitive_rent.wav": "i cannot pay my rent this month, where can i get help",
 }
 
@@ -149,7 +149,7 @@ def test_silence_and_noise_yield_no_signal(run: dict[str, object]) -> None:
 
 def test_sensitive_spoken_queries_yield_no_signal(run: dict[str, object]) -> None:
     got = analyses(run)
-    for name in ("sensitive_chemo.wav", "sensitive_rent.wav"):
+    for name in ("sensitive_pain.wav", "sensitive_rent.wav"):
         assert got[name]["signals"] == [], got[name]
         assert got[name]["dropped"]["reason"] == "sensitive", got[name]
 
@@ -192,7 +192,7 @@ def test_nothing_but_signals_crossed_the_wire(run: dict[str, object], clips: Pat
             words |= {
                 w for w in re.findall(r"[a-z']+", str(analysis["transcript"] or "").lower()) if len(w) >= 4
             }
-    assert {"flight", "paris", "chemotherapy", "country"} <= words  # the transcripts were real
+    assert {"flight", "paris", "doctor", "country"} <= words  # the transcripts were real
     leaked = sorted(w for w in words if w.encode() in wire)
     assert leaked == [], f"transcript words on the wire: {leaked}"
     for clip in clips.glob("*.wav"):

@@ -103,21 +103,31 @@ def test_signals_are_best_first_with_coarse_weight_and_day(policy: Policy) -> No
 def test_max_signals_is_respected(policy: Policy) -> None:
     ranked = [(MUSIC, 0.9), (MOVIES, 0.8), (DOGS, 0.7), (CATS, 0.6)]
     for limit in (1, 2, 3):
-        decision = _filter(policy, max_signals=limit, min_confidence=0.1).decide(output(ranked), TODAY)
+        decision = _filter(policy, max_signals=limit, min_share=0.1).decide(output(ranked), TODAY)
         assert isinstance(decision, list)
         assert [s.category_id for s in decision] == [cid for cid, _ in ranked[:limit]]
 
 
-def test_min_confidence_is_respected(policy: Policy) -> None:
-    privacy = _filter(policy, min_confidence=0.5, max_signals=5)
-    decision = privacy.decide(output([(MUSIC, 0.7), (MOVIES, 0.5), (DOGS, 0.49)]), TODAY)
+def test_min_share_is_respected(policy: Policy) -> None:
+    privacy = _filter(policy, min_share=0.5, max_signals=5)
+    decision = privacy.decide(output([(MUSIC, 0.7), (MOVIES, 0.5), (DOGS, 0.49)], no_interest=0.0), TODAY)
     assert isinstance(decision, list)
     assert [s.category_id for s in decision] == [MUSIC, MOVIES]
-    assert privacy.decide(output([(MUSIC, 0.49)]), TODAY) == Dropped("no_interest", None)
+    assert privacy.decide(output([(MUSIC, 0.49)], no_interest=0.0), TODAY) == Dropped("no_interest", None)
 
 
-def test_interest_not_above_no_interest_is_dropped(policy: Policy) -> None:
-    decision = _filter(policy).decide(output([(MUSIC, 0.45)], no_interest=0.5), TODAY)
+def test_share_is_of_the_interest_mass(policy: Policy) -> None:
+    # Related categories split the mass ("running shoes": Sports Equipment and Fitness); the leader
+    # still counts as a clear interest because P(no interest) is tiny.
+    ranked = [(MUSIC, 0.33), (MOVIES, 0.18), (DOGS, 0.05)]
+    decision = _filter(policy).decide(output(ranked, no_interest=0.003), TODAY)
+    assert isinstance(decision, list)
+    assert [(s.category_id, s.weight_level) for s in decision] == [(MUSIC, 2)]
+
+
+@pytest.mark.parametrize("no_interest", [0.5, 0.8])
+def test_mostly_no_interest_is_dropped(policy: Policy, no_interest: float) -> None:
+    decision = _filter(policy).decide(output([(MUSIC, 1 - no_interest)], no_interest=no_interest), TODAY)
     assert decision == Dropped("no_interest", None)
 
 
