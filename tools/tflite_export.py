@@ -1,6 +1,11 @@
 """Export the Sotto text classifier to TFLite (LiteRT) and run it.
 
-Recipe (measured on all-MiniLM-L6-v2 + two heads; figures in the report that came with this file):
+Status: the conversion step of the planned TFLite backend. It is measured (MiniLM + two heads: the int8
+file agrees with PyTorch float on 99.4% of top categories and 100% of sensitive decisions, 1.3 ms per
+query at 32 tokens with XNNPACK) but not yet called by tools/build_models.py, and the edge runtime does
+not load TFLite files yet.
+
+Recipe:
 
 1. The model is traced by ``litert_torch.convert`` (torch.export -> StableHLO -> TFLite; no ONNX or
    TensorFlow in between) at a fixed shape ``[1, max_tokens]``, from a *padded* sample.
