@@ -129,6 +129,8 @@ class CaptureProxy:
                     sel.register(client, selectors.EVENT_READ)
                     sel.register(upstream, selectors.EVENT_READ)
                     continue
+                if sock not in peers:  # closed earlier in this round, together with its peer
+                    continue
                 other, from_client = peers[sock]
                 try:
                     data = sock.recv(65536)
