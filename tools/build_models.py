@@ -193,7 +193,7 @@ def train(
     step = 0
     for epoch in range(EPOCHS):
         perm = torch.randperm(len(fit), generator=gen).tolist()
-        running = 0.0
+        running, count = 0.0, 0
         for start in range(0, len(perm), BATCH):
             rows = perm[start : start + BATCH]
             enc = tokenizer.encode_batch([texts[i] for i in rows])
@@ -210,10 +210,11 @@ def train(
             opt.step()
             sched.step()
             running += loss.item()
+            count += 1
             step += 1
             if step % 100 == 0:
-                log(f"epoch {epoch + 1}/{EPOCHS} step {step}/{steps} loss {running / 100:.4f}")
-                running = 0.0
+                log(f"epoch {epoch + 1}/{EPOCHS} step {step}/{steps} loss {running / count:.4f}")
+                running, count = 0.0, 0
     model.eval()
 
 
