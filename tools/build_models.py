@@ -167,6 +167,7 @@ def train(
     fit: list[modeldata.Example],
     interest_labels: list[str],  # type: ignore[no-untyped-def]
     sensitive_labels: list[str],
+    epochs: int = EPOCHS,
 ) -> None:
     import torch
 
@@ -183,7 +184,7 @@ def train(
     loss_sen = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_sen))
 
     gen = torch.Generator().manual_seed(SEED)
-    steps = EPOCHS * math.ceil(len(fit) / BATCH)
+    steps = epochs * math.ceil(len(fit) / BATCH)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     warmup = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -191,7 +192,7 @@ def train(
     )
     model.train()
     step = 0
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         perm = torch.randperm(len(fit), generator=gen).tolist()
         running, count = 0.0, 0
         for start in range(0, len(perm), BATCH):
@@ -213,7 +214,7 @@ def train(
             count += 1
             step += 1
             if step % 100 == 0:
-                log(f"epoch {epoch + 1}/{EPOCHS} step {step}/{steps} loss {running / count:.4f}")
+                log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {running / count:.4f}")
                 running, count = 0.0, 0
     model.eval()
 
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also keep the unquantized ONNX model here (the parity reference)",
     )
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="fine-tuning epochs")
     parser.add_argument(
         "--recalibrate",
         action="store_true",
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{args.out / 'classifier.onnx'}: nothing to recalibrate; run without --recalibrate")
     else:
         model = build_model(src, len(interest_labels), len(sensitive_labels))
-        train(model, tokenizer, fit, interest_labels, sensitive_labels)
+        train(model, tokenizer, fit, interest_labels, sensitive_labels, args.epochs)
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = Path(tmp) / "classifier.fp32.onnx"
             log("exporting to ONNX and quantizing to int8")
