@@ -22,9 +22,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge.classifier import NONE_LABEL, ClassifierMeta, outputs_from_probabilities  # noqa: E402
 from edge.pipeline import EdgeConfig, EdgeModels, Pipeline  # noqa: E402
 from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
-from edge.privacy import FilterOptions  # noqa: E402
+from edge.privacy import Dropped, PrivacyFilter  # noqa: E402
 from tools import modeldata  # noqa: E402
 
 DAY = dt.date(2026, 6, 1)
@@ -148,20 +149,16 @@ def baseline(
     ev_text = [normalize_text(e.text) for e in evals]
     p_sen = sen.predict_proba(ev_text)[:, 1]
     p_int = interest.predict_proba(ev_text)
-    labels = list(interest.classes_)
-    none = labels.index("none")
-    options = FilterOptions()
+    # The device's own filter decides, exactly as for the shipped model (one sensitivity class here).
+    meta = ClassifierMeta(list(interest.classes_), [NONE_LABEL, "sensitive"], thr, 0, {}, {})
+    device_filter = PrivacyFilter(policy, sensitive_threshold=thr)
+    outputs = outputs_from_probabilities(meta, p_int, np.stack([1.0 - p_sen, p_sen], axis=1))
     got: list[tuple[str | None, str | None]] = []
-    for ps, pi in zip(p_sen, p_int, strict=True):
-        # The device filter's rule: commercial only if P(none) is low, then the leader's share of the rest.
-        ranked = [i for i in np.argsort(-pi) if i != none]
-        share = pi[ranked[0]] / max(1e-9, 1.0 - pi[none])
-        if ps >= thr:
-            got.append((None, "sensitive"))
-        elif pi[none] >= options.max_no_interest or share < options.min_share:
-            got.append((None, "no_interest"))
+    for decision in (device_filter.decide(o, DAY) for o in outputs):
+        if isinstance(decision, Dropped):
+            got.append((None, decision.reason))
         else:
-            got.append((labels[ranked[0]], None))
+            got.append((decision[0].category_id, None))
     return metrics(evals, got, policy)
 
 
