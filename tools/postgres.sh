@@ -5,6 +5,9 @@
 #   export SOTTO_TEST_POSTGRES_URL="$(bash tools/postgres.sh)"
 set -euo pipefail
 NAME=sotto_test
+# Only the URL goes to stdout: everything the PostgreSQL tools print (such as pg_ctlcluster's
+# "Removed stale pid file.") goes to stderr, so that "$(bash tools/postgres.sh)" is always a clean URL.
+exec 3>&1 1>&2
 
 if [ "$(id -u)" != 0 ] || ! command -v pg_lsclusters >/dev/null 2>&1; then
   echo "tools/postgres.sh needs root and Debian's postgresql package (apt-get install postgresql);" \
@@ -16,11 +19,11 @@ cd /  # psql runs as the postgres user, who may not be allowed into the current 
 cluster() { pg_lsclusters --no-header | sort -V | tail -n 1; }
 if [ -z "$(cluster)" ]; then
   version="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
-  pg_createcluster "$version" main >/dev/null
+  pg_createcluster "$version" main 3>&-
 fi
 read -r version name port status _ <<<"$(cluster)"
 if [[ "$status" != online* ]]; then
-  pg_ctlcluster "$version" "$name" start
+  pg_ctlcluster "$version" "$name" start 3>&-  # the server must not hold our stdout open
 fi
 
 sql() { runuser -u postgres -- psql --port "$port" -v ON_ERROR_STOP=1 -qtAc "$1"; }
@@ -31,4 +34,4 @@ fi
 if [ -z "$(sql "SELECT 1 FROM pg_database WHERE datname = '$NAME'")" ]; then
   sql "CREATE DATABASE $NAME OWNER $NAME" >/dev/null
 fi
-echo "postgresql://$NAME:$NAME@127.0.0.1:$port/$NAME"
+echo "postgresql://$NAME:$NAME@127.0.0.1:$port/$NAME" >&3
