@@ -1,8 +1,15 @@
-"""Device side of the wire: batch filtered signals and deliver them to the aggregator.
+"""Device side of the wire: deliver the outbox's batches to the aggregator, exactly once in effect.
 
-Batches get their id when they are formed, so a batch that is resent after UNAVAILABLE or
-DEADLINE_EXCEEDED carries the same id and the aggregator applies it once. The queue here lives in
-memory; only signals that passed the privacy filter ever enter it.
+Signals go into an :class:`~edge.outbox.Outbox` (SQLite on the device, in memory when no path is given)
+before :meth:`DeliveryClient.add` returns. Batches are sealed there, id and bytes stored before the first
+send, and sent oldest first; a batch leaves the outbox only when the aggregator acknowledges it, so a
+resend after a timeout, a lost reply, a crash or a reboot carries the same id and the aggregator applies
+it once.
+
+Retries: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (network, overload, rate limit) can succeed
+later, so the batch stays queued and is retried with exponential backoff and jitter, within a flush and
+between flushes. Every other refusal (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, ...) would fail
+the same way forever: that batch is set aside, counted, and never resent.
 
 The device authenticates with a bearer token (sent as ``authorization`` call metadata, never inside a
 message) or a TLS client certificate; ``TlsOptions`` holds the certificates.
@@ -14,28 +21,41 @@ import os
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
+from edge.outbox import Outbox, OutboxStats, StoredBatch
 from edge.privacy import Interest
-from edge.signals import encode_batch
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
-#: Status codes after which the same batch can succeed after a short backoff.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-#: Status codes after which the batch can succeed only later (rate limit, overload) or once the device's
-#: credential is fixed: it stays queued, and the flush stops without retrying now.
-HELD = frozenset(
+#: Status codes after which the same batch can succeed later: it stays queued and is retried with backoff.
+RETRYABLE = frozenset(
     {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
     }
 )
+#: Client keepalive. gRPC servers answer pings sent more often than
+#: ``grpc.http2.min_ping_interval_without_data_ms`` (5 minutes, which ``server.service`` sets explicitly)
+#: with GOAWAY "too_many_pings" after two strikes, so the device never pings more often than that, and
+#: never on an idle connection (``permit_without_calls`` 0): an idle radio is what saves the battery, and
+#: a dead connection is found by the next call's deadline anyway.
+KEEPALIVE_TIME_MS = 300_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 2),
+)
+_INGEST = "/sotto.v1.SignalAggregator/Ingest"
+#: State keys in the outbox.
+_OPTED_OUT = "opted_out"
+_DELETE_PENDING = "delete_pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,24 +94,30 @@ class TlsOptions:
 
 @dataclass(slots=True)
 class DeliveryStats:
+    """What this process's client did (the outbox keeps the lifetime counters: ``DeliveryClient.outbox``)."""
+
     batches_sent: int = 0
     signals_sent: int = 0
+    #: Acknowledgements saying the aggregator already had the batch (a resend after a lost reply).
     duplicates: int = 0
     #: Serialized batch bytes of every call the server answered (acknowledged or refused).
     bytes_sent: int = 0
     retries: int = 0
-    #: Batches the server refused for good (never resent), by status code name.
+    #: Batches the server refused for good (set aside, never resent), by status code name.
     rejected: dict[str, int] = field(default_factory=dict)
-    #: Refusals that left the batch queued (rate limit, credential), by status code name.
-    held: dict[str, int] = field(default_factory=dict)
+    #: Signals not accepted because the wearer opted out or asked for deletion.
+    refused_signals: int = 0
     #: Round-trip time of each acknowledged Ingest call, in milliseconds.
     latencies_ms: list[float] = field(default_factory=list)
 
 
 class DeliveryClient:
-    """Batches one device's signals and sends them with a deadline.
+    """Stores one device's signals in its outbox and sends them in batches with a deadline.
 
-    ``channel`` may be shared by many devices (the emulator does); the client owns it only when it
+    ``outbox`` is an :class:`Outbox`, a file path (the client opens and owns it), or None for an in-memory
+    outbox that does not survive the process. A batch is sent when ``batch_size`` signals are waiting, or
+    when the oldest has waited ``max_delay_s`` (see :meth:`flush_if_due`); :meth:`flush` sends everything
+    now. ``channel`` may be shared by many devices (the emulator does); the client owns it only when it
     creates it from ``target``, over TLS when ``tls`` is given. ``token`` is the device's bearer token.
     """
 
@@ -107,6 +133,9 @@ class DeliveryClient:
         backoff_s: float = 0.2,
         token: str | None = None,
         tls: TlsOptions | None = None,
+        outbox: Outbox | str | os.PathLike[str] | None = None,
+        max_delay_s: float = 300.0,
+        max_backoff_s: float = 900.0,
     ) -> None:
         if (target is None) == (channel is None):
             raise ValueError("give exactly one of target or channel")
@@ -116,79 +145,127 @@ class DeliveryClient:
             )
         if batch_size < 1 or max_attempts < 1 or timeout_s <= 0:
             raise ValueError("batch_size and max_attempts must be >= 1 and timeout_s > 0")
+        if max_delay_s < 0 or backoff_s < 0 or max_backoff_s < backoff_s:
+            raise ValueError("max_delay_s and backoff_s must be >= 0, and max_backoff_s >= backoff_s")
         self.profile_id = profile_id
         self.region = region
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.max_delay_s = max_delay_s
+        self.max_backoff_s = max_backoff_s
+        self._own_outbox = not isinstance(outbox, Outbox)
+        self.outbox = outbox if isinstance(outbox, Outbox) else Outbox(outbox)
         self._own_channel = channel is None
         if channel is not None:
             self._channel = channel
         elif tls is not None:
-            self._channel = grpc.secure_channel(target, tls.credentials())  # type: ignore[arg-type]
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=CHANNEL_OPTIONS)  # type: ignore[arg-type]
         else:
-            self._channel = grpc.insecure_channel(target)  # type: ignore[arg-type]
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)  # type: ignore[arg-type]
         self._stub = signals_pb2_grpc.SignalAggregatorStub(self._channel)
+        # Sends the stored bytes as they are: a resend is byte for byte the first send.
+        self._ingest = self._channel.unary_unary(
+            _INGEST, request_serializer=None, response_deserializer=signals_pb2.IngestResponse.FromString
+        )
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
-        self._buffer: list[Interest] = []
-        self._pending: deque[signals_pb2.SignalBatch] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._failures = 0
+        self._next_try = 0.0
         self.stats = DeliveryStats()
 
-    def add(self, interests: Iterable[Interest]) -> None:
-        """Queue signals; a full batch is formed (and given its id) as soon as there are enough."""
+    # --- queueing ------------------------------------------------------------------------------------
+
+    def add(self, interests: Iterable[Interest]) -> int:
+        """Store signals durably in the outbox (on disk when this returns); full batches are sealed now.
+
+        Returns how many were stored: none while the wearer is opted out or a deletion is pending.
+        """
+        interests = list(interests)
         with self._lock:
-            self._buffer.extend(interests)
-            while len(self._buffer) >= self.batch_size:
-                self._seal(self.batch_size)
+            if self.opted_out or self.deletion_pending:
+                self.stats.refused_signals += len(interests)
+                return 0
+            added = self.outbox.add(self.region, interests)
+            self.outbox.seal(self.profile_id, self.batch_size)
+            return added
 
     @property
     def pending_batches(self) -> int:
-        return len(self._pending) + (1 if self._buffer else 0)
+        """Sealed batches waiting, plus one for signals not yet in a batch."""
+        stats = self.outbox.stats()
+        return stats.queued_batches + (1 if stats.unsealed_signals else 0)
 
-    def _seal(self, n: int) -> None:
-        chunk, self._buffer = self._buffer[:n], self._buffer[n:]
-        self._pending.append(encode_batch(self.profile_id, self.region, chunk))
+    def outbox_stats(self) -> OutboxStats:
+        return self.outbox.stats()
 
-    def flush(self) -> bool:
-        """Send every queued signal; True when nothing is left pending.
+    # --- sending -------------------------------------------------------------------------------------
 
-        Stops at the first batch that still fails with a retryable status after ``max_attempts``, or that
-        is held back (rate limit, credential refused); it stays queued, in order, with its id. Batches
-        refused for good are set aside and counted.
+    def due(self, now: float | None = None) -> bool:
+        """True when a send is worth the radio now: a full batch (or a deletion) waits, or the oldest
+        signal has waited ``max_delay_s``; and the backoff after the last failure has passed."""
+        if time.monotonic() < self._next_try:
+            return False
+        if self.deletion_pending or self.outbox.next_batch() is not None:
+            return True
+        oldest = self.outbox.oldest_unsealed_at()
+        wall = time.time() if now is None else now
+        return oldest is not None and wall - oldest >= self.max_delay_s
+
+    def flush_if_due(self) -> bool | None:
+        """Flush when :meth:`due`; None when nothing was due, else what :meth:`flush` returned.
+
+        Firmware calls this after each utterance and from a timer; it is cheap when nothing is due.
         """
         with self._lock:
-            if self._buffer:
-                self._seal(len(self._buffer))
-            while self._pending:
-                batch = self._pending[0]
-                outcome = self._send(batch)
-                if outcome == "retry":
-                    return False
-                self._pending.popleft()
+            return self.flush() if self.due() else None
+
+    def flush(self) -> bool:
+        """Send every queued signal now, oldest batch first; True when nothing is left pending.
+
+        Stops at the first batch that still fails with a retryable status after ``max_attempts`` (it
+        stays queued, in order, with its id, and :meth:`due` waits a growing, jittered backoff before the
+        next try). Batches refused for good are set aside and counted.
+        """
+        with self._lock:
+            if self.deletion_pending and not self._deliver_deletion(raise_errors=False):
+                return self._failed()
+            if self.opted_out:
+                return True
+            self.outbox.seal(self.profile_id, self.batch_size, partial=True)
+            while (batch := self.outbox.next_batch()) is not None:
+                if not self._send(batch):
+                    return self._failed()
+            self._failures = 0
+            self._next_try = 0.0
             return True
 
-    def _send(self, batch: signals_pb2.SignalBatch) -> str:
-        size = batch.ByteSize()
+    def _failed(self) -> bool:
+        self._failures += 1
+        delay = min(self.max_backoff_s, self.backoff_s * 2**self._failures)
+        self._next_try = time.monotonic() + random.uniform(delay / 2, delay)
+        return False
+
+    def _send(self, batch: StoredBatch) -> bool:
+        """Deliver one stored batch; False when it must wait (still queued)."""
+        size = len(batch.payload)
         for attempt in range(self.max_attempts):
             started = time.perf_counter()
             try:
-                reply = self._stub.Ingest(batch, timeout=self.timeout_s, metadata=self._metadata)
+                reply = self._ingest(batch.payload, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
-                if code in HELD:
-                    self.stats.bytes_sent += size  # the server read the batch and answered
-                    self.stats.held[code.name] = self.stats.held.get(code.name, 0) + 1
-                    return "retry"
                 if code not in RETRYABLE:
                     self.stats.bytes_sent += size  # the server read the batch and answered
                     self.stats.rejected[code.name] = self.stats.rejected.get(code.name, 0) + 1
-                    return "rejected"
+                    self.outbox.set_aside(batch.batch_id, code.name)
+                    return True
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.stats.bytes_sent += size
                 if attempt + 1 < self.max_attempts:
                     self.stats.retries += 1
-                    # Exponential backoff with full jitter, so many devices do not retry in step.
-                    time.sleep(random.uniform(0, self.backoff_s * 2**attempt))
+                    self._sleep_backoff(attempt)
                 continue
             self.stats.latencies_ms.append((time.perf_counter() - started) * 1000)
             self.stats.bytes_sent += size
@@ -196,34 +273,76 @@ class DeliveryClient:
             if reply.duplicate:
                 self.stats.duplicates += 1
             else:
-                self.stats.signals_sent += len(batch.signals)
-            return "sent"
-        return "retry"
+                self.stats.signals_sent += batch.signals
+            self.outbox.acknowledge(batch.batch_id)
+            return True
+        return False
+
+    def _sleep_backoff(self, attempt: int) -> None:
+        # Exponential backoff with full jitter, so many devices do not retry in step.
+        time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt)))
+
+    # --- the wearer's controls -----------------------------------------------------------------------
+
+    @property
+    def opted_out(self) -> bool:
+        return self.outbox.get_state(_OPTED_OUT) is not None
+
+    def set_opt_out(self, opted_out: bool) -> int:
+        """The wearer's switch, remembered in the outbox across restarts. Opting out erases every queued
+        signal at once and refuses new ones; returns the number of signals erased."""
+        with self._lock:
+            if not opted_out:
+                self.outbox.set_state(_OPTED_OUT, None)
+                return 0
+            self.outbox.set_state(_OPTED_OUT, "1")
+            return self.outbox.purge()
+
+    @property
+    def deletion_pending(self) -> bool:
+        return self.outbox.get_state(_DELETE_PENDING) == self.profile_id
 
     def delete_profile(self) -> bool:
-        """Ask the aggregator to erase this device's profile (the wearer's deletion request).
+        """The wearer's deletion request: erase the outbox and the local ledger, then ask the aggregator
+        to erase the profile.
 
-        Queued signals are dropped first, so nothing of the profile is sent afterwards. Retries like a
-        batch; returns True when the aggregator had something to erase, and raises ``grpc.RpcError`` when
-        the request could not be delivered (call it again later). The aggregator also revokes the
+        The request is recorded in the outbox first, so when it cannot be delivered now (``grpc.RpcError``
+        is raised) the next :meth:`flush` delivers it, even after a reboot; until then nothing is queued
+        or sent. Returns True when the aggregator had something to erase. The aggregator also revokes the
         device's token, so the device must be enrolled again, under a new profile id, to send more.
         """
         with self._lock:
-            self._buffer.clear()
-            self._pending.clear()
-            request = signals_pb2.DeleteProfileRequest(profile_id=self.profile_id)
-            for attempt in range(self.max_attempts):
-                try:
-                    reply = self._stub.DeleteProfile(request, timeout=self.timeout_s, metadata=self._metadata)
-                except grpc.RpcError as exc:
-                    code = exc.code()  # type: ignore[attr-defined]
-                    if code not in RETRYABLE or attempt + 1 == self.max_attempts:
+            self.outbox.set_state(_DELETE_PENDING, self.profile_id)
+            self.outbox.purge()
+            self.outbox.clear_ledger()
+            return self._deliver_deletion(raise_errors=True)
+
+    def _deliver_deletion(self, raise_errors: bool) -> bool:
+        request = signals_pb2.DeleteProfileRequest(profile_id=self.profile_id)
+        for attempt in range(self.max_attempts):
+            try:
+                reply = self._stub.DeleteProfile(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in RETRYABLE:
+                    # Refused for good: typically the token is already revoked because an earlier
+                    # attempt went through and only its reply was lost. Do not try forever.
+                    self.outbox.set_state(_DELETE_PENDING, None)
+                    if raise_errors:
                         raise
-                    time.sleep(random.uniform(0, self.backoff_s * 2**attempt))
-                    continue
-                return bool(reply.deleted)
-            raise AssertionError("unreachable: the last attempt returns or raises")
+                    return True
+                if attempt + 1 == self.max_attempts:
+                    if raise_errors:
+                        raise
+                    return False
+                self._sleep_backoff(attempt)
+                continue
+            self.outbox.set_state(_DELETE_PENDING, None)
+            return bool(reply.deleted) if raise_errors else True
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def close(self) -> None:
         if self._own_channel:
             self._channel.close()
+        if self._own_outbox:
+            self.outbox.close()

@@ -46,6 +46,17 @@ log = logging.getLogger(__name__)
 _LOG_SALT = secrets.token_bytes(16)
 
 
+#: How often clients may ping (gRPC's defaults, stated so that the device's keepalive can be checked
+#: against them): a client pinging more often than every 5 minutes, or at all on a connection without
+#: calls, gets GOAWAY "too_many_pings" after two strikes. ``edge.client.CHANNEL_OPTIONS`` stays within it.
+MIN_PING_INTERVAL_MS = 300_000
+PING_POLICY: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_ping_strikes", 2),
+)
+
+
 def profile_tag(profile_id: str) -> str:
     """A short salted hash standing for ``profile_id`` in logs (the id itself is never logged)."""
     return hashlib.blake2b(profile_id.encode(), key=_LOG_SALT, digest_size=6).hexdigest()
@@ -309,6 +320,7 @@ async def create_server(
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would start "fine" and
         # silently take half of the traffic (into another database, perhaps). Fail to bind instead.
         ("grpc.so_reuseport", 0),
+        *PING_POLICY,
     ]
     server = grpc.aio.server(
         interceptors=[guard], options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs

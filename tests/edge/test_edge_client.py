@@ -92,12 +92,12 @@ def test_batch_waits_for_the_server_and_is_applied_once(server_config: ServerCon
         assert client.flush() is False  # nothing listens on the port
         assert client.pending_batches == 1
         assert client.stats.batches_sent == 0 and client.stats.rejected == {}
-        # The queue is private; the test reads it only to follow the batch id the batch got when sealed.
-        pending = client._pending[0]
+        # The outbox holds the sealed batch: its id and bytes were stored before the first attempt.
+        (pending,) = client.outbox.batches()
         pending_id = pending.batch_id
         assert len(pending_id) == 16
-        assert client.flush() is False  # still down: still the same batch, same id
-        assert client.pending_batches == 1 and client._pending[0].batch_id == pending_id
+        assert client.flush() is False  # still down: still the same batch, same id, same bytes
+        assert client.outbox.batches() == [pending]
 
         with AggregatorThread(f"sqlite:///{db}", server_config, port=port) as server:
             _flush_until_delivered(client)
@@ -105,12 +105,9 @@ def test_batch_waits_for_the_server_and_is_applied_once(server_config: ServerCon
             assert client.stats.batches_sent == 1 and client.stats.signals_sent == 2
             first = server.profile()
 
-            # Resend the very same batch (as after a reply lost on the way back): applied once only.
-            sent = client.stats.batches_sent
-            client._pending.append(pending)
-            assert client.flush() is True
-            assert client.stats.batches_sent == sent + 1
-            assert client.stats.duplicates == 1
+            # Resend the very same bytes (as after a reply lost on the way back): applied once only.
+            reply = client._ingest(pending.payload, timeout=5)
+            assert reply.duplicate is True and reply.batch_id == pending_id
             second = server.profile()
     finally:
         client.close()

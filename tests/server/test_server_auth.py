@@ -324,7 +324,7 @@ def test_device_client_sends_its_token_over_tls_and_deletes_its_profile(
     assert row_counts(db_path) == {"batches": 0, "profiles": 0, "scores": 0, "credentials": 0}
 
 
-def test_device_client_keeps_batches_the_server_refuses_for_its_credential(
+def test_device_client_sets_aside_batches_the_server_refuses_for_its_credential(
     auth_config: ServerConfig, db_path: Path
 ) -> None:
     async def scenario() -> None:
@@ -332,10 +332,14 @@ def test_device_client_keeps_batches_the_server_refuses_for_its_credential(
             client = DeliveryClient(PROFILE, "US", target=f"127.0.0.1:{r.port}", token="sotto_wrong")
             try:
                 client.add([Interest(MUSIC, 4, TODAY_DAY)])
-                assert await asyncio.to_thread(client.flush) is False
-                assert client.pending_batches == 1  # kept, with its id, for when the token is fixed
-                assert client.stats.held == {"UNAUTHENTICATED": 1}
-                assert client.stats.rejected == {} and client.stats.retries == 0
+                assert await asyncio.to_thread(client.flush) is True
+                # Refused for good: set aside and counted, never resent (a retry could not succeed).
+                assert client.pending_batches == 0
+                assert client.stats.rejected == {"UNAUTHENTICATED": 1} and client.stats.retries == 0
+                stats = client.outbox_stats()
+                assert stats.set_aside_batches == 1 and stats.get("set_aside_UNAUTHENTICATED") == 1
+                assert await asyncio.to_thread(client.flush) is True
+                assert client.stats.rejected == {"UNAUTHENTICATED": 1}
             finally:
                 client.close()
 
