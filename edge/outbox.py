@@ -598,26 +598,36 @@ class _Salvage:
 
 
 def _read_rows(conn: sqlite3.Connection, table: str, columns: str) -> tuple[list[tuple[object, ...]], int]:
-    """Rows of ``table`` in rowid order, stepping over damaged stretches; (rows, rows known lost)."""
-    rows: list[tuple[object, ...]] = []
-    lost = 0
-    last = -(2**63)
+    """Rows of ``table`` in rowid order, around damaged stretches; (rows, reads that failed).
+
+    A read that meets a damaged page fails as a whole, so the table is read forwards up to the damage,
+    backwards down to it, and then from a bounded number of points in between (each read stops at the
+    next damage). Best effort by design: what lies on damaged pages is gone.
+    """
+    found: dict[int, tuple[object, ...]] = {}
     failures = 0
-    while failures < 64:
+
+    def scan(sql: str, *args: int) -> None:
+        nonlocal failures
         try:
-            cursor = conn.execute(
-                f"SELECT rowid, {columns} FROM {table} WHERE rowid > ? ORDER BY rowid", (last,)
-            )
-            for row in cursor:
-                rows.append(tuple(row[1:]))
-                last = row[0]
-            return rows, lost
+            for row in conn.execute(sql, args):
+                found[int(row[0])] = tuple(row[1:])
         except sqlite3.DatabaseError:
             failures += 1
-            lost += 1
-            # Skip ahead past the damaged row; widen the jump each time in case a whole page is gone.
-            last = (last if last > -(2**63) else 0) + 2 ** (failures - 1)
-    return rows, lost
+
+    select = f"SELECT rowid, {columns} FROM {table}"
+    scan(f"{select} ORDER BY rowid")
+    if failures:
+        low = max(found, default=0)
+        scan(f"{select} WHERE rowid > ? ORDER BY rowid DESC", low)
+        high = max(found, default=low)
+        above = [r for r in found if r > low]
+        high = min(above) if above else high
+        step = max(1, (high - low) // 256)
+        for start in range(low, high, step):
+            if start + 1 not in found:
+                scan(f"{select} WHERE rowid > ? AND rowid < ? ORDER BY rowid", start, high)
+    return [found[r] for r in sorted(found)], failures
 
 
 def _salvage(path: Path) -> _Salvage:
@@ -628,11 +638,14 @@ def _salvage(path: Path) -> _Salvage:
     except sqlite3.DatabaseError:
         return out
     with closing(conn):
+        # A truncated file's header claims more pages than the file has, which SQLite treats as corrupt
+        # before reading anything; writable_schema lets it read the pages that are there (nothing is
+        # written: this is the moved-aside copy, only read).
+        conn.execute("PRAGMA writable_schema = ON")
         tables: dict[str, str] = {
             "signals": "region, category_id, weight_level, day, created_at",
             "batches": "batch_id, payload, created_at",
             "ledger": "batch_id, position, category_id, weight_level, day, sent_at",
-            "state": "key, value",
         }
         for table, columns in tables.items():
             try:
@@ -645,6 +658,10 @@ def _salvage(path: Path) -> _Salvage:
                     getattr(out, table).append(row)
                 else:
                     out.unreadable += 1
+        try:  # the wearer's choices (opt-out, a pending deletion): a few rows in a WITHOUT ROWID table
+            out.state = [tuple(r) for r in conn.execute("SELECT key, value FROM state") if _valid("state", r)]
+        except sqlite3.DatabaseError:
+            out.unreadable += 1
     return out
 
 
