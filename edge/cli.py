@@ -3,6 +3,7 @@
     sotto-edge analyze --text "where can i buy trail running shoes" --json
     sotto-edge analyze --text-file queries.txt --region US
     sotto-edge analyze --audio clip.wav --audio other.flac
+    sotto-edge ledger [--json] [--clear]     # what this device has sent (never a transcript)
 
 Each query prints one JSON object on stdout (the stable contract):
 {"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
@@ -12,7 +13,9 @@ Each query prints one JSON object on stdout (the stable contract):
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +23,9 @@ from pathlib import Path
 from edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
 from edge.audio import AudioError, pcm16_to_audio
 from edge.classifier import BACKENDS
+from edge.outbox import Outbox, OutboxError
 from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
-from edge.policy import PolicyError
+from edge.policy import Policy, PolicyError, models_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +78,92 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--asr-sha256", default=None, help="expected SHA-256 of the ASR model.bin")
     analyze.add_argument("--compute-type", default="int8", choices=COMPUTE_TYPES, help="ASR precision")
     analyze.add_argument("--beam-size", type=int, default=1, help="ASR beam size")
+    ledger = sub.add_parser(
+        "ledger",
+        help="show (or clear) the signals this device has sent",
+        description="Every signal the aggregator acknowledged: category, weight, day, batch id, when it "
+        "was sent. The ledger never holds a transcript or audio.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ledger.add_argument(
+        "--outbox",
+        type=Path,
+        default=Path(os.environ.get("SOTTO_OUTBOX", DEFAULT_OUTBOX)),
+        help="the device's outbox file ($SOTTO_OUTBOX)",
+    )
+    ledger.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    ledger.add_argument("--clear", action="store_true", help="erase the ledger (the wearer's choice)")
+    ledger.add_argument("--models", default=None, help="models folder, for category names")
     return parser
+
+
+#: Where the device keeps its outbox unless told otherwise.
+DEFAULT_OUTBOX = Path.home() / ".local" / "share" / "sotto" / "outbox.db"
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    """`sotto-edge ledger`: the transparency ledger as a table or JSON, or clear it."""
+    if not args.outbox.exists():  # nothing was ever sent; do not create a file just to say so
+        entries = []
+    else:
+        try:
+            with Outbox(args.outbox) as box:
+                if box.recovery is not None:
+                    print(
+                        f"sotto-edge: outbox was damaged ({box.recovery.problem}); moved to "
+                        f"{box.recovery.moved_to}, recovered {box.recovery.recovered_ledger_entries} "
+                        "ledger entries",
+                        file=sys.stderr,
+                    )
+                if args.clear:
+                    print(f"cleared {box.clear_ledger()} ledger entries")
+                    return 0
+                entries = box.ledger()
+        except (OutboxError, OSError) as exc:
+            print(f"sotto-edge: error: {exc}", file=sys.stderr)
+            return 2
+    if args.clear:
+        print("cleared 0 ledger entries")
+        return 0
+    try:
+        taxonomy = Policy.load(models_dir(args.models)).taxonomy
+    except PolicyError as exc:
+        print(f"sotto-edge: error: {exc}", file=sys.stderr)
+        return 2
+    rows = [
+        {
+            "sent_at": dt.datetime.fromtimestamp(e.sent_at, dt.UTC).isoformat(timespec="seconds"),
+            "day": e.date.isoformat(),
+            "category_id": e.category_id,
+            "name": taxonomy[e.category_id].name if e.category_id in taxonomy else None,
+            "tier1": taxonomy[e.category_id].tier1 if e.category_id in taxonomy else None,
+            "weight": e.weight,
+            "batch_id": e.batch_id.hex(),
+        }
+        for e in entries
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("No signals have been sent from this device.")
+        return 0
+    header = ("sent (UTC)", "day", "category", "tier 1", "weight", "batch")
+    table = [
+        (
+            r["sent_at"],
+            r["day"],
+            f"{r['name'] or '?'} ({r['category_id']})",
+            r["tier1"] or "?",
+            f"{r['weight']:.2f}",
+            str(r["batch_id"])[:8],
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=True)]
+    for line in (header, *table):
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+    return 0
 
 
 def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
@@ -112,6 +201,8 @@ def _analyze(pipeline: Pipeline, items: list[tuple[str, str | Path]]) -> Iterato
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "ledger":
+        return _ledger(args)
     if args.threads < 1 or args.beam_size < 1:
         parser.error("--threads and --beam-size must be at least 1")
     try:

@@ -418,3 +418,35 @@ def test_logs_never_contain_tokens_or_profile_ids(
     assert "event=profile_deleted profile=" in caplog.text
     for secret in (PROFILE, OTHER, tokens[0], "sotto_guess"):
         assert secret not in caplog.text
+
+
+def test_device_client_retries_a_rate_limited_batch_with_backoff(
+    auth_config: ServerConfig, db_path: Path
+) -> None:
+    config = dataclasses.replace(auth_config, rate_per_second=20.0, rate_burst=1)
+
+    async def scenario() -> None:
+        async with running(f"sqlite:///{db_path}", config) as r:
+            token = await issue_device_token(r.store, PROFILE)
+            client = DeliveryClient(
+                PROFILE,
+                "US",
+                target=f"127.0.0.1:{r.port}",
+                token=token,
+                batch_size=1,
+                max_attempts=10,
+                backoff_s=0.05,
+            )
+            try:
+                client.add([Interest(MUSIC, level, TODAY_DAY) for level in (1, 2, 3, 4)])
+                assert await asyncio.to_thread(client.flush) is True
+                # The burst of one let the first batch through; the others met RESOURCE_EXHAUSTED, stayed
+                # queued and went through on a later attempt.
+                assert client.stats.retries >= 1
+                assert client.stats.rejected == {}
+                assert client.outbox_stats().get("signals_acknowledged") == 4
+            finally:
+                client.close()
+
+    asyncio.run(scenario())
+    assert row_counts(db_path)["batches"] == 4
