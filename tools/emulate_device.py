@@ -4,11 +4,20 @@
     python tools/emulate_device.py --target 127.0.0.1:50051 --queries my_queries.txt --text
     python tools/emulate_device.py --target 127.0.0.1:50051 --queries clips/ --region US,DE --report out.json
     python tools/emulate_device.py --target aggregator:50051 --token-file tokens.json --tls-ca ca.pem
+    python tools/emulate_device.py --target 127.0.0.1:50051 --text --outbox-dir outboxes --offline-for 20
+    python tools/emulate_device.py --target 127.0.0.1:50051 --text --outbox-dir outboxes --kill-every 5
 
 Each virtual device has a profile id, a region and a list of voice queries (audio files, or text lines
 spoken with espeak-ng when it is installed, or analysed as text with --text). Every utterance goes
 through speech gate, ASR, classifier and privacy filter; surviving signals are batched and sent with
 the device's client. The run ends with a summary (also as JSON with --report).
+
+With --outbox-dir each device keeps its outbox in a SQLite file there (as the glasses do), so it survives
+the emulator: --offline-for SECONDS keeps the devices off the network that long while they go on
+producing (their outboxes fill, then drain in order), and --kill-every N runs the devices in a child
+process that is killed with SIGKILL after every N utterances, at a random moment while it produces and
+sends, and restarted until every query is done; the summary then shows that every signal the outboxes
+accepted was acknowledged once (the aggregator applies a resent batch once).
 
 An aggregator started with `sotto-server serve` wants a token per device: `sotto-server token issue
 --db URL PREFIX-device-0001 PREFIX-device-0002 ... > tokens.json` writes the JSON --token-file reads.
@@ -20,6 +29,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +60,8 @@ DEMO_CLIPS = [
     "asr_pocketsphinx/cards_005.wav",
     "asr_misc_librispeech/2412-153948-0000.flac",
 ]
+#: Outbox state key where a device records how many of its queries it has analysed.
+PROGRESS_KEY = "emulator_progress"
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus"}
 
 
@@ -140,8 +152,16 @@ def run_device(
     as_text: bool,
     report: DeviceReport,
     progress: Any,
+    online_at: float = 0.0,
+    drain_s: float = 30.0,
+    announce: bool = False,
 ) -> None:
-    for query in queries:
+    """Analyse the device's queries in order, resuming after the last one its outbox recorded (after a
+    kill), sending when a batch is due once the device is online; then drain the outbox."""
+    done = int(client.outbox.get_state(PROGRESS_KEY) or 0)
+    for index, query in enumerate(queries):
+        if index < done:
+            continue
         started = time.perf_counter()
         result: Analysis
         try:
@@ -165,8 +185,19 @@ def run_device(
             report.dropped[result.dropped.reason] += 1
         report.analyses.append(result.to_json(device.models.policy))
         client.add(result.signals)
+        # Not atomic with the add: a kill in between replays the utterance, and the outbox counts the
+        # replayed signals as accepted again (they are new signals as far as delivery is concerned).
+        client.outbox.set_state(PROGRESS_KEY, str(index + 1))
         progress.update(1)
-    client.flush()
+        if announce:
+            print("utterance", flush=True)
+        if time.time() >= online_at:
+            client.flush_if_due()
+    if time.time() < online_at:
+        time.sleep(online_at - time.time())
+    give_up = time.monotonic() + drain_s
+    while not client.flush() and time.monotonic() < give_up:
+        time.sleep(0.2)
 
 
 def load_tokens(path: Path, profiles: list[str]) -> dict[str, str]:
@@ -203,10 +234,12 @@ def summarize(
     sent = sum(c.stats.signals_sent for c in clients)
     wire = sum(c.stats.bytes_sent for c in clients)
     rejected: Counter[str] = Counter()
-    held: Counter[str] = Counter()
+    outbox: Counter[str] = Counter()
     for c in clients:
         rejected.update(c.stats.rejected)
-        held.update(c.stats.held)
+        stats = c.outbox_stats()
+        outbox.update(stats.counters)
+        outbox["queued_signals"] += stats.queued_signals
     return {
         "mode": mode,
         "devices": len(reports),
@@ -216,7 +249,20 @@ def summarize(
         "batches_sent": sum(c.stats.batches_sent for c in clients),
         "batches_pending": sum(c.pending_batches for c in clients),
         "batches_rejected": dict(rejected),
-        "batches_held": dict(held),
+        # Lifetime counters of the devices' outboxes (they survive kills when the outboxes are files).
+        "outbox": {
+            key: outbox[key]
+            for key in (
+                "signals_added",
+                "signals_acknowledged",
+                "batches_acknowledged",
+                "signals_dropped_overflow",
+                "signals_dropped_age",
+                "signals_set_aside",
+                "signals_purged",
+                "queued_signals",
+            )
+        },
         "retries": sum(c.stats.retries for c in clients),
         "dropped": dict(sorted(dropped.items())),
         "bytes_on_wire": wire,
@@ -252,13 +298,24 @@ def print_summary(s: dict[str, Any]) -> None:
         ("signals sent (acknowledged)", s["signals_sent"]),
         ("batches sent / pending", f"{s['batches_sent']} / {s['batches_pending']}"),
         ("batches rejected", ", ".join(f"{k}: {v}" for k, v in s["batches_rejected"].items()) or "0"),
-        ("batches held back", ", ".join(f"{k}: {v}" for k, v in s["batches_held"].items()) or "0"),
+        (
+            "outbox: accepted / acknowledged",
+            f"{s['outbox']['signals_added']} / {s['outbox']['signals_acknowledged']} signals "
+            f"({s['outbox']['batches_acknowledged']} batches)",
+        ),
+        (
+            "outbox: dropped / set aside / queued",
+            f"{s['outbox']['signals_dropped_overflow'] + s['outbox']['signals_dropped_age']} / "
+            f"{s['outbox']['signals_set_aside']} / {s['outbox']['queued_signals']}",
+        ),
         ("dropped, by reason", ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "0"),
         ("bytes on the wire", f"{s['bytes_on_wire']} ({s['bytes_per_signal'] or '-'} per signal)"),
         ("pipeline latency p50 / p95", f"{ms(s['pipeline_ms_p50'])} / {ms(s['pipeline_ms_p95'])}"),
         ("Ingest latency p50 / p99", f"{ms(s['ingest_ms_p50'])} / {ms(s['ingest_ms_p99'])}"),
         ("wall time", f"{s['wall_s']} s"),
     ]
+    if "kills" in s:
+        rows.insert(-1, ("device processes killed (SIGKILL)", s["kills"]))
     width = max(len(k) for k, _ in rows)
     print("\nSotto device emulator: summary")
     for key, value in rows:
@@ -311,12 +368,104 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="PEM CA of the aggregator's certificate; turns TLS on (default: plaintext)",
     )
+    p.add_argument(
+        "--outbox-dir",
+        type=Path,
+        default=None,
+        help="keep each device's outbox in DIR/PROFILE.db, surviving the emulator (default: in memory)",
+    )
+    p.add_argument(
+        "--max-delay",
+        type=float,
+        default=300.0,
+        help="seconds a signal may wait for its batch to fill before it is sent anyway (default: 300)",
+    )
+    p.add_argument(
+        "--offline-for",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the devices produce but do not send for this long, then drain their outboxes (default: 0)",
+    )
+    p.add_argument(
+        "--kill-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the devices in a child process killed with SIGKILL after every N utterances, at a random "
+        "moment, and restarted until done; needs --outbox-dir (default: 0 = never)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="how long a device keeps trying to empty its outbox at the end (default: 30)",
+    )
+    # Internal: how the --kill-every supervisor runs its child.
+    p.add_argument("--online-at", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def supervise(argv: list[str], args: argparse.Namespace) -> int:
+    """--kill-every: run the devices in a child process, SIGKILL it after every N utterances at a random
+    moment (while it analyses, writes its outbox or sends), restart it, until it finishes by itself."""
+    child_args: list[str] = []
+    skip = False
+    for arg in argv:  # the same options, without --kill-every and its value
+        if skip:
+            skip = False
+            continue
+        if arg == "--kill-every":
+            skip = True
+            continue
+        if arg.startswith("--kill-every="):
+            continue
+        child_args.append(arg)
+    online_at = time.time() + args.offline_for
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *child_args,
+        "--worker",
+        "--online-at",
+        str(online_at),
+    ]
+    rng = random.Random(args.seed)
+    kills = 0
+    while True:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        seen = 0
+        for line in child.stdout:
+            if line.strip() == "utterance":
+                seen += 1
+                if seen >= args.kill_every:
+                    # A random moment after the N-th utterance: in the next analysis, outbox write or send.
+                    time.sleep(rng.uniform(0, 0.05))
+                    child.send_signal(signal.SIGKILL)
+                    break
+        child.stdout.close()
+        code = child.wait()
+        if code == -signal.SIGKILL:
+            kills += 1
+            continue
+        if args.report is not None and args.report.exists():
+            summary = json.loads(args.report.read_text(encoding="utf-8"))
+            summary["kills"] = kills
+            args.report.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"emulate_device: {kills} device processes killed with SIGKILL along the way", file=sys.stderr)
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.kill_every < 0 or args.offline_for < 0 or args.max_delay < 0 or args.drain_seconds < 0:
+        parser.error("--kill-every, --offline-for, --max-delay and --drain-seconds must be at least 0")
+    if args.kill_every and args.outbox_dir is None:
+        parser.error("--kill-every needs --outbox-dir: the outboxes must outlive the killed process")
     regions = [r.strip().upper() for r in args.region.split(",") if r.strip()]
     if not regions or not all(REGION_PATTERN.fullmatch(r) for r in regions):
         parser.error(f"--region {args.region!r}: expected ISO 3166-1 alpha-2 codes such as US or US,DE")
@@ -330,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--report {args.report}: folder {args.report.parent} does not exist")
     if args.tls_ca is not None and not args.tls_ca.is_file():
         parser.error(f"--tls-ca {args.tls_ca}: no such file")
+    if args.outbox_dir is not None:
+        args.outbox_dir.mkdir(parents=True, exist_ok=True)
+    if args.kill_every:
+        return supervise(argv, args)
+    online_at = args.online_at if args.online_at is not None else time.time() + args.offline_for
     profiles = [f"{args.profile_prefix}-device-{i + 1:04d}" for i in range(args.devices)]
     tokens = None
     if args.token_file is not None:
@@ -380,22 +534,34 @@ def main(argv: list[str] | None = None) -> int:
                     batch_size=args.batch_size,
                     timeout_s=args.timeout,
                     token=None if tokens is None else tokens[profile],
+                    outbox=None if args.outbox_dir is None else args.outbox_dir / f"{profile}.db",
+                    max_delay_s=args.max_delay,
                 )
             )
             reports.append(DeviceReport(profile, region))
             plans.append(plan)
         started = time.perf_counter()
         with (
-            tqdm(total=sum(len(p) for p in plans), unit="utt", desc="utterances", file=sys.stderr) as bar,
+            tqdm(
+                total=sum(len(p) for p in plans),
+                unit="utt",
+                desc="utterances",
+                file=sys.stderr,
+                disable=args.worker,
+            ) as bar,
             ThreadPoolExecutor(max_workers=args.workers) as pool,
         ):
             futures = [
-                pool.submit(run_device, d, c, p, speaker, as_text, r, bar)
+                pool.submit(
+                    run_device, d, c, p, speaker, as_text, r, bar, online_at, args.drain_seconds, args.worker
+                )
                 for d, c, p, r in zip(devices, clients, plans, reports, strict=True)
             ]
             for fut in futures:
                 fut.result()
         summary = summarize(reports, clients, time.perf_counter() - started, mode)
+        for client in clients:
+            client.close()
         channel.close()
     print_summary(summary)
     if args.report is not None:
