@@ -216,6 +216,8 @@ class Outbox:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             # Keep the WAL file from growing past 1 MiB after checkpoints.
+            # Checkpoint every 100 pages (400 KiB) instead of 1,000, and truncate the WAL to 1 MiB after.
+            conn.execute("PRAGMA wal_autocheckpoint = 100")
             conn.execute("PRAGMA journal_size_limit = 1048576")
         conn.execute("PRAGMA secure_delete = ON")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -326,6 +328,7 @@ class Outbox:
             )
             self._bump(conn, "signals_added", len(rows))
             self._enforce(conn, now)
+        self._reclaim()
         return len(rows)
 
     def seal(self, profile_id: str, batch_size: int, partial: bool = False) -> int:
@@ -365,6 +368,7 @@ class Outbox:
                 self._bump(conn, "batches_sealed", 1)
                 sealed += 1
             self._enforce(conn, self._clock())
+        self._reclaim()
         return sealed
 
     def batches(self) -> list[StoredBatch]:
@@ -413,6 +417,7 @@ class Outbox:
             self._bump(conn, "batches_acknowledged", 1)
             self._bump(conn, "signals_acknowledged", row[1])
             self._forget_old_ledger(conn, now)
+        self._reclaim()
         return True
 
     def set_aside(self, batch_id: bytes, code: str) -> bool:
@@ -448,6 +453,7 @@ class Outbox:
         with self._tx() as conn:
             self._enforce(conn, self._clock())
             self._forget_old_ledger(conn, self._clock())
+        self._reclaim()
 
     def _enforce(self, conn: sqlite3.Connection, now: float) -> None:
         cutoff = now - self.limits.max_age_days * _DAY
@@ -482,8 +488,16 @@ class Outbox:
             else:  # only loose signals (a batch size larger than max_signals): drop the oldest of them
                 conn.execute("DELETE FROM signals WHERE seq = (SELECT min(seq) FROM signals)")
                 self._bump(conn, "signals_dropped_overflow", 1)
-        if n_old or old[0]:
-            conn.execute("PRAGMA incremental_vacuum")
+
+    def _reclaim(self, threshold: int = 64) -> None:
+        """Give free pages back to the file system once there are more than ``threshold`` (64 pages,
+        256 KiB), so a drained outbox shrinks again; below that they are simply reused. Outside any
+        transaction: only executescript runs this pragma to completion (a plain execute frees a single
+        page), and executescript commits first."""
+        with self._lock:
+            (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+            if free > threshold:
+                self._conn.executescript("PRAGMA incremental_vacuum;")
 
     def _forget_old_ledger(self, conn: sqlite3.Connection, now: float) -> None:
         conn.execute("DELETE FROM ledger WHERE sent_at < ?", (now - self.limits.ledger_max_age_days * _DAY,))
@@ -513,7 +527,7 @@ class Outbox:
 
     def _vacuum(self) -> None:
         with self._lock:
-            self._conn.execute("PRAGMA incremental_vacuum")
+            self._reclaim(threshold=0)
             if self.path is not None:
                 # Fold the WAL (which still holds the erased rows' old pages) into the file and truncate it.
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

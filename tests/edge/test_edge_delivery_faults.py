@@ -298,3 +298,62 @@ def test_damaged_outbox_is_detected_at_start_recovered_and_the_device_keeps_work
             _assert_accounted(client.outbox)
     finally:
         client.close()
+
+
+# --- the emulator, offline for a while ------------------------------------------------------------------
+
+
+def test_emulator_offline_for_a_while_then_drains(policy: Policy, tmp_path: Path) -> None:
+    """tools/emulate_device.py --offline-for: the devices produce with no network (their outboxes fill),
+    then come online and deliver everything, once."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(QUERIES) + "\n", encoding="utf-8")
+    outboxes = tmp_path / "outboxes"
+    report = tmp_path / "report.json"
+    with AggregatorThread(f"sqlite:///{tmp_path / 'agg.db'}", ServerConfig(policy=policy)) as server:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "tools/emulate_device.py",
+                "--target",
+                server.target,
+                "--text",
+                "--queries",
+                str(queries),
+                "--devices",
+                "2",
+                "--profile-prefix",
+                "offline",
+                "--batch-size",
+                "2",
+                "--offline-for",
+                "1",
+                "--outbox-dir",
+                str(outboxes),
+                "--report",
+                str(report),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(report.read_text())
+        assert summary["outbox"]["signals_added"] == summary["outbox"]["signals_acknowledged"] > 0
+        assert summary["outbox"]["queued_signals"] == 0 and summary["batches_pending"] == 0
+        for device in ("offline-device-0001", "offline-device-0002"):
+            with Outbox(outboxes / f"{device}.db") as box:
+                ledger = box.ledger()
+            _assert_server_holds_exactly(server, device, ledger)
+
+
+def test_emulator_kill_every_needs_an_outbox_dir() -> None:
+    proc = subprocess.run(
+        [sys.executable, "tools/emulate_device.py", "--target", "127.0.0.1:1", "--kill-every", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--kill-every needs --outbox-dir" in proc.stderr
