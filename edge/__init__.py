@@ -29,6 +29,8 @@ _EXPORTS = {
     "load_audio": "edge.audio",
     "encode_batch": "edge.signals",
     "DeliveryClient": "edge.client",
+    "Outbox": "edge.outbox",
+    "OutboxLimits": "edge.outbox",
     "TlsOptions": "edge.client",
     "Policy": "edge.policy",
 }
