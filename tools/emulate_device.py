@@ -437,14 +437,19 @@ def supervise(argv: list[str], args: argparse.Namespace) -> int:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert child.stdout is not None
         seen = 0
+        last = gap = 0.0
         for line in child.stdout:
-            if line.strip() == "utterance":
-                seen += 1
-                if seen >= args.kill_every:
-                    # A random moment after the N-th utterance: in the next analysis, outbox write or send.
-                    time.sleep(rng.uniform(0, 0.05))
-                    child.send_signal(signal.SIGKILL)
-                    break
+            if line.strip() != "utterance":
+                continue
+            now = time.monotonic()
+            gap, last = (now - last if last else 0.0), now
+            seen += 1
+            if seen >= args.kill_every:
+                # A random moment before the next utterance would be done: while the child analyses,
+                # writes its outbox or sends.
+                time.sleep(rng.uniform(0, min(gap, 0.5)))
+                child.send_signal(signal.SIGKILL)
+                break
         child.stdout.close()
         code = child.wait()
         if code == -signal.SIGKILL:
