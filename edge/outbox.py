@@ -152,7 +152,9 @@ class Recovery:
     moved_to: Path
     #: Why the file was judged damaged (the first line of quick_check, or the error).
     problem: str
+    #: Signals not yet sealed into a batch that were copied into the new outbox.
     recovered_signals: int
+    #: Sealed batches copied over, with their ids and bytes (they are sent as they were).
     recovered_batches: int
     recovered_ledger_entries: int
     #: Rows that could be located but not read, or whose content was invalid.
