@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,10 @@ class Taxonomy:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    def __iter__(self) -> Iterator[str]:
+        """Every category id."""
+        return iter(self._by_id)
 
     def ancestors(self, cid: str) -> list[str]:
         """The category itself followed by its ancestors up to tier 1."""
