@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: Epsilon travels on the wire in thousandths (``SignalBatch.ldp_epsilon_milli``); 0 means "not noised".
 EPSILON_SCALE = 1000
-#: Above this a randomized response is nearly the truth (k = 89: 99.8% kept); refused as a misconfiguration.
+#: Above this a randomized response is nearly the truth (k = 89: 99.6% kept); refused as a misconfiguration.
 MAX_EPSILON = 10.0
 #: Weight level of every noised signal (the full level: the weight must not depend on the utterance).
 NOISED_WEIGHT_LEVEL = 4
