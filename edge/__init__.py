@@ -24,6 +24,8 @@ _EXPORTS = {
     "FilterOptions": "edge.privacy",
     "Dropped": "edge.privacy",
     "Interest": "edge.privacy",
+    "LdpOptions": "edge.ldp",
+    "LocalPrivacy": "edge.ldp",
     "Audio": "edge.audio",
     "PcmStream": "edge.audio",
     "load_audio": "edge.audio",

@@ -8,6 +8,10 @@
 Each query prints one JSON object on stdout (the stable contract):
 {"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
  "dropped": null | {"reason", "detail"}}
+
+"signals" is the privacy filter's decision, before any noise. With --show-noised each object also has
+"sent" (the signals after local differential privacy: the daily budget, then randomized response with
+--ldp-epsilon) and "withheld_by_budget".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
 from edge.audio import AudioError, pcm16_to_audio
 from edge.classifier import BACKENDS
+from edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
 from edge.outbox import Outbox, OutboxError
 from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
 from edge.policy import Policy, PolicyError, models_dir
@@ -69,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="JSON lines on stdout (the default output)")
     analyze.add_argument("--region", default="US", help="the device's ISO 3166-1 alpha-2 region")
     analyze.add_argument("--opt-out", action="store_true", help="act as if the wearer opted out")
+    analyze.add_argument(
+        "--minor", action="store_true", help="act as if the wearer is marked as a minor (region table rule)"
+    )
+    analyze.add_argument(
+        "--show-noised",
+        action="store_true",
+        help="also print what would be sent after local differential privacy ('sent', 'withheld_by_budget')",
+    )
+    analyze.add_argument(
+        "--ldp-epsilon", type=float, default=DEFAULT_EPSILON, help="epsilon per signal for --show-noised"
+    )
+    analyze.add_argument(
+        "--daily-budget",
+        type=int,
+        default=DEFAULT_DAILY_BUDGET,
+        help="signals per day for --show-noised (counted in memory: the device's own budget is untouched)",
+    )
     analyze.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
     analyze.add_argument("--backend", default="onnx", choices=BACKENDS, help="classifier runtime")
     analyze.add_argument("--threads", type=int, default=1, help="classifier CPU threads")
@@ -205,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ledger(args)
     if args.threads < 1 or args.beam_size < 1:
         parser.error("--threads and --beam-size must be at least 1")
+    if args.daily_budget < 1:
+        parser.error("--daily-budget must be at least 1")
     try:
         items = _queries(args)
         config = EdgeConfig(
@@ -218,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                 beam_size=args.beam_size,
             ),
         )
+        ldp_options = LdpOptions(args.ldp_epsilon, args.daily_budget) if args.show_noised else None
         models = EdgeModels(config)
-        pipeline = Pipeline(models, region=args.region, opted_out=args.opt_out)
+        pipeline = Pipeline(
+            models,
+            region=args.region,
+            opted_out=args.opt_out,
+            minor=args.minor,
+            ldp=None if ldp_options is None else LocalPrivacy(models.policy.interest_ids, ldp_options),
+        )
     except (ValueError, PolicyError, ModelError) as exc:
         print(f"sotto-edge: error: {exc}", file=sys.stderr)
         return 2
@@ -229,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             print(f"sotto-edge: error: {result}", file=sys.stderr)
             continue
-        print(json.dumps(result.to_json(models.policy), ensure_ascii=False), flush=True)
+        document = result.to_json(models.policy)
+        if args.show_noised:
+            document.update(result.noised_json(models.policy))
+        print(json.dumps(document, ensure_ascii=False), flush=True)
     return 1 if failures else 0
 
 

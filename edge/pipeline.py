@@ -17,6 +17,7 @@ from typing import Any
 from edge.asr import AsrOptions, Transcriber
 from edge.audio import Audio, load_audio
 from edge.classifier import TextClassifier
+from edge.ldp import LocalPrivacy
 from edge.policy import REGION_PATTERN, Policy, models_dir
 from edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
 from edge.vad import SpeechGate, SpeechGateOptions
@@ -44,6 +45,16 @@ class Analysis:
     dropped: Dropped | None
     #: Milliseconds spent per stage (audio, vad, asr, classify, filter).
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: With local differential privacy on: the signals after the daily budget and randomized response
+    #: (None when it is off, and then ``signals`` are sent as they are).
+    noised: list[Interest] | None = None
+    #: Signals the daily privacy budget held back.
+    withheld: int = 0
+
+    @property
+    def outgoing(self) -> list[Interest]:
+        """What may be handed to the delivery client: the noised signals when LDP is on."""
+        return self.signals if self.noised is None else self.noised
 
     def to_json(self, policy: Policy) -> dict[str, Any]:
         """The public `sotto-edge analyze` JSON object (a stable contract)."""
@@ -62,6 +73,22 @@ class Analysis:
             "dropped": None
             if self.dropped is None
             else {"reason": self.dropped.reason, "detail": self.dropped.detail},
+        }
+
+    def noised_json(self, policy: Policy) -> dict[str, Any]:
+        """The extra keys of `sotto-edge analyze --show-noised`: what would actually be sent."""
+        return {
+            "sent": [
+                {
+                    "id": s.category_id,
+                    "name": policy.taxonomy[s.category_id].name,
+                    "tier1": policy.taxonomy[s.category_id].tier1,
+                    "weight": s.weight,
+                    "epsilon": s.epsilon,
+                }
+                for s in self.outgoing
+            ],
+            "withheld_by_budget": self.withheld,
         }
 
 
@@ -100,9 +127,17 @@ class EdgeModels:
 
 
 class Pipeline:
-    """One device: its region, the wearer's opt-out, and the shared models."""
+    """One device: its region, the wearer's settings (opt-out, minor), local differential privacy, and the
+    shared models."""
 
-    def __init__(self, models: EdgeModels, region: str = "US", opted_out: bool = False) -> None:
+    def __init__(
+        self,
+        models: EdgeModels,
+        region: str = "US",
+        opted_out: bool = False,
+        minor: bool = False,
+        ldp: LocalPrivacy | None = None,
+    ) -> None:
         region = region.upper()
         if not REGION_PATTERN.fullmatch(region):
             raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
@@ -112,9 +147,16 @@ class Pipeline:
             models.policy, models.classifier.meta.sensitive_threshold, models.config.filter
         )
         self.filter.set_opt_out(opted_out)
+        self.filter.set_minor(minor)
+        #: Applied after the filter, to the signals that passed it only.
+        self.ldp = ldp
 
     def set_opt_out(self, opted_out: bool) -> None:
         self.filter.set_opt_out(opted_out)
+
+    def set_minor(self, minor: bool) -> None:
+        """Mark the wearer as a minor (or not); the region table's ``no_minors`` rule decides the rest."""
+        self.filter.set_minor(minor)
 
     def analyze_text(self, text: str, today: dt.date | None = None, label: str | None = None) -> Analysis:
         """Classify and filter a transcript or typed query."""
@@ -160,4 +202,7 @@ class Pipeline:
         timings["filter"] = (time.perf_counter() - t1) * 1000
         if isinstance(decision, Dropped):
             return Analysis(label, transcript, [], decision, timings)
-        return Analysis(label, transcript, decision, None, timings)
+        if self.ldp is None:
+            return Analysis(label, transcript, decision, None, timings)
+        noised, withheld = self.ldp.privatize(decision)
+        return Analysis(label, transcript, decision, None, timings, noised, withheld)

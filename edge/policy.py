@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,10 @@ class Taxonomy:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def __iter__(self) -> Iterator[str]:
+        """Every category id."""
+        return iter(self._by_id)
+
     def ancestors(self, cid: str) -> list[str]:
         """The category itself followed by its ancestors up to tier 1."""
         chain = [cid]
@@ -194,6 +199,7 @@ class SensitiveCategories:
 
 @dataclass(frozen=True, slots=True)
 class RegionRule:
+    #: ISO 3166-1 alpha-2 code, or ``*`` for every region.
     region: str
     rule: str
     effective_from: dt.date
@@ -201,13 +207,19 @@ class RegionRule:
     note: str
 
 
-class RegionPolicy:
-    """Regions from which no signal may be emitted or accepted, with effective dates.
+#: The region column value that makes a rule apply everywhere.
+ALL_REGIONS = "*"
 
-    A deployment changes the table (models/region_policy.tsv), never the code.
+
+class RegionPolicy:
+    """Who may be profiled where, with effective dates: the region table (models/region_policy.tsv).
+
+    Rules: ``block`` (no signal at all from the region) and ``no_minors`` (no interest signal for a
+    profile marked as a minor). ``*`` in the region column applies a rule everywhere. A deployment
+    changes the table, never the code: both the device and the aggregator read it.
     """
 
-    RULES = ("block",)
+    RULES = ("block", "no_minors")
 
     def __init__(self, rules: list[RegionRule]) -> None:
         self._rules = rules
@@ -217,8 +229,11 @@ class RegionPolicy:
         rules = []
         for n, row in _read_tsv(path, ("region", "rule", "effective_from", "effective_to")):
             region = row["region"].strip().upper()
-            if len(region) != 2 or not region.isalpha():
-                raise PolicyError(f"{path}:{n}: region must be ISO 3166-1 alpha-2, got {row['region']!r}")
+            if region != ALL_REGIONS and (len(region) != 2 or not region.isalpha()):
+                raise PolicyError(
+                    f"{path}:{n}: region must be ISO 3166-1 alpha-2 or '*' (every region), "
+                    f"got {row['region']!r}"
+                )
             if row["rule"] not in cls.RULES:
                 raise PolicyError(
                     f"{path}:{n}: rule must be one of {', '.join(cls.RULES)}, got {row['rule']!r}"
@@ -231,18 +246,26 @@ class RegionPolicy:
             rules.append(RegionRule(region, row["rule"], start, end, row.get("note") or ""))
         return cls(rules)
 
-    def blocked(self, region: str, on: dt.date | None = None) -> RegionRule | None:
-        """The rule that blocks ``region`` on day ``on`` (today, UTC, by default), or None."""
+    def _find(self, rule_name: str, region: str, on: dt.date | None) -> RegionRule | None:
         day = on or dt.datetime.now(dt.UTC).date()
         region = region.upper()
         for rule in self._rules:
             if (
-                rule.region == region
+                rule.rule == rule_name
+                and rule.region in (region, ALL_REGIONS)
                 and rule.effective_from <= day
                 and (rule.effective_to is None or day < rule.effective_to)
             ):
                 return rule
         return None
+
+    def blocked(self, region: str, on: dt.date | None = None) -> RegionRule | None:
+        """The rule that blocks ``region`` on day ``on`` (today, UTC, by default), or None."""
+        return self._find("block", region, on)
+
+    def minors_blocked(self, region: str, on: dt.date | None = None) -> RegionRule | None:
+        """The rule that forbids interest signals of minors in ``region`` on day ``on``, or None."""
+        return self._find("no_minors", region, on)
 
 
 @dataclass(frozen=True, slots=True)

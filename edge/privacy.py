@@ -1,8 +1,8 @@
 """The privacy filter: the only way from the classifier to the outbox.
 
-Order of checks, cheapest and strictest first: user opt-out, region policy (both before any audio is
-processed), then, per utterance, the sensitivity detector, then the interest threshold. A sensitive
-utterance yields no signal at all, not even for a benign part of it.
+Order of checks, cheapest and strictest first: user opt-out, region policy, the minors rule (all
+before any audio is processed), then, per utterance, the sensitivity detector, then the interest
+threshold. A sensitive utterance yields no signal at all, not even for a benign part of it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from edge.classifier import ClassifierOutput
 from edge.policy import Policy, day_number
 
-DROP_REASONS = ("sensitive", "region", "opt_out", "no_speech", "no_interest")
+DROP_REASONS = ("sensitive", "region", "opt_out", "minor", "no_speech", "no_interest")
 WEIGHT_LEVELS = 4
 
 
@@ -43,11 +43,16 @@ class Dropped:
 
 @dataclass(frozen=True, slots=True)
 class Interest:
-    """A signal that passed the filter: category, coarse weight and day."""
+    """A signal that passed the filter: category, coarse weight and day.
+
+    ``epsilon`` is set on a signal that went through randomized response (``edge.ldp``); the batch
+    declares it, so the aggregator can de-bias counts.
+    """
 
     category_id: str
     weight_level: int
     day: int
+    epsilon: float | None = None
 
     @property
     def weight(self) -> float:
@@ -75,10 +80,16 @@ class PrivacyFilter:
         if not 0.0 < self.sensitive_threshold <= 1.0:
             raise ValueError(f"sensitive threshold must be in (0, 1], got {self.sensitive_threshold}")
         self.opted_out = False
+        self.minor = False
 
     def set_opt_out(self, opted_out: bool) -> None:
         """The wearer's switch: while set, no utterance yields a signal."""
         self.opted_out = opted_out
+
+    def set_minor(self, minor: bool) -> None:
+        """The device setting that says the wearer is a minor; whether that stops signals is the region
+        table's ``no_minors`` rule (data, not code)."""
+        self.minor = minor
 
     def gate(self, region: str, today: dt.date) -> Dropped | None:
         """Checks that do not depend on what was said; a result means: do not even listen."""
@@ -87,6 +98,10 @@ class PrivacyFilter:
         rule = self.policy.regions.blocked(region, today)
         if rule is not None:
             return Dropped("region", f"no profiling in {rule.region} ({rule.note})")
+        if self.minor:
+            rule = self.policy.regions.minors_blocked(region, today)
+            if rule is not None:
+                return Dropped("minor", f"the wearer is marked as a minor ({rule.note})")
         return None
 
     def select_interests(self, output: ClassifierOutput, day: int) -> list[Interest]:

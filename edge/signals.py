@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from edge.ldp import epsilon_milli
 from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, REGION_PATTERN, TAXONOMY_VERSION
 from edge.privacy import WEIGHT_LEVELS, Interest
 from sotto.v1 import signals_pb2
@@ -33,6 +34,14 @@ def encode_batch(
         raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
     if not interests:
         raise ValueError("a batch needs at least one signal")
+    # The batch declares the mechanism its signals went through, so the aggregator can de-bias counts;
+    # one batch holds one mechanism only.
+    epsilons = {i.epsilon for i in interests}
+    if len(epsilons) > 1:
+        raise ValueError(
+            f"a batch cannot mix signals noised with different epsilons: {sorted(map(str, epsilons))}"
+        )
+    (epsilon,) = epsilons
     base_day = max(i.day for i in interests)
     batch = signals_pb2.SignalBatch(
         batch_id=batch_id or new_batch_id(),
@@ -40,6 +49,7 @@ def encode_batch(
         region=region,
         taxonomy_version=TAXONOMY_VERSION,
         base_day=base_day,
+        ldp_epsilon_milli=0 if epsilon is None else epsilon_milli(epsilon),
     )
     for interest in interests:
         offset = base_day - interest.day

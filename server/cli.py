@@ -21,6 +21,7 @@ from server.auth import admin_credential, device_credential, new_token
 from server.config import ServerConfig, ServerTls
 from server.service import create_server
 from server.store import StoreError, open_store
+from server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 EXIT_USAGE = 2
@@ -176,6 +177,15 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "AudienceSize reports no count below K profiles (k-anonymity)",
         _number(int, 2),
     )
+    _option(
+        serve,
+        "--max-ldp-epsilon",
+        "EPSILON",
+        None,
+        "accept only batches noised with local differential privacy at this epsilon or lower "
+        "(default: accept noised and plain batches)",
+        _number(float, 0, exclusive=True),
+    )
     _option(serve, "--max-signals-per-batch", "N", "100", "larger batches are rejected", _number(int, 1))
     _option(serve, "--max-message-bytes", "N", "65536", "largest request accepted", _number(int, 1024))
     _option(
@@ -307,6 +317,22 @@ def _add_token(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action.set_defaults(handler=handler)
 
 
+def _add_minor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    minor = commands.add_parser(
+        "minor",
+        help="mark profiles as minors (erasing their signals), unmark them, or list them",
+        description="Mark profiles as minors in the aggregator's database: their stored signals are erased "
+        "at once and, wherever the region table's no_minors rule applies, their batches are refused "
+        "(FAILED_PRECONDITION). Works on the database directly; prints JSON.",
+        formatter_class=_HelpFormatter,
+    )
+    minor.add_argument("profile_ids", metavar="PROFILE_ID", nargs="*", help="profiles to mark (or unmark)")
+    minor.add_argument("--unmark", action="store_true", help="remove the mark instead")
+    minor.add_argument("--list", action="store_true", help="list the marked profiles")
+    _option(minor, "--db", "URL", "sqlite:///sotto.db", "the aggregator's store")
+    minor.set_defaults(handler=_minor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sotto-server``."""
     parser = argparse.ArgumentParser(
@@ -318,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_admin(commands)
     _add_token(commands)
+    _add_minor(commands)
     return parser
 
 
@@ -345,6 +372,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         retention_days=args.retention_days,
         purge_interval_s=args.purge_interval_seconds,
         min_audience=args.min_audience,
+        max_ldp_epsilon=args.max_ldp_epsilon,
     )
 
 
@@ -460,6 +488,11 @@ def _audience(args: argparse.Namespace) -> int:
         "profiles": None if reply.too_small else reply.profiles,
         "too_small": reply.too_small,
         "min_audience": reply.min_audience,
+        # De-biased for local differential privacy; null with too_small.
+        "estimated_signals": None if reply.too_small else reply.estimated_signals,
+        "estimate_interval": None if reply.too_small else [reply.estimate_low, reply.estimate_high],
+        "confidence": None if reply.too_small else reply.confidence,
+        "noised_signals": None if reply.too_small else reply.noised_signals,
     }
     print(json.dumps(document))
     return 0
@@ -515,6 +548,34 @@ def _revoke(args: argparse.Namespace) -> int:
         _check_token_args(args)
         print(json.dumps({"revoked": asyncio.run(_revoke_tokens(args))}))
     except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except StoreError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+# --- minors, on the database directly -----------------------------------------------------------------
+
+
+async def _mark_minors(args: argparse.Namespace) -> dict[str, object]:
+    store = await open_store(args.db, None)
+    try:
+        if args.list:
+            return {"minors": await store.minors()}
+        erased = {profile: await store.mark_minor(profile, not args.unmark) for profile in args.profile_ids}
+        return {"unmarked" if args.unmark else "marked": args.profile_ids, "erased_rows": erased}
+    finally:
+        await store.close()
+
+
+def _minor(args: argparse.Namespace) -> int:
+    try:
+        if args.list == bool(args.profile_ids):
+            raise ValueError("give PROFILE_ID arguments or --list, not both and not neither")
+        for profile in args.profile_ids:
+            validate_profile_id(profile)
+        print(json.dumps(asyncio.run(_mark_minors(args))))
+    except ValueError as exc:  # arguments, a malformed profile id, store URL
         return _fail(str(exc), EXIT_USAGE)
     except StoreError as exc:
         return _fail(str(exc))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from edge.ldp import MAX_EPSILON
 from edge.policy import Policy
 from server.decay import day_number
 
@@ -103,6 +104,9 @@ class ServerConfig:
     purge_interval_s: float = 3600.0
     #: k of k-anonymity: AudienceSize reports no count below this many profiles.
     min_audience: int = 50
+    #: None accepts batches with or without local differential privacy (epsilon up to edge.ldp's
+    #: MAX_EPSILON); a number requires every batch to be noised with at most this epsilon.
+    max_ldp_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, float, float]] = [
@@ -117,6 +121,8 @@ class ServerConfig:
         for name, value, minimum in checks:
             if not value >= minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        if self.max_ldp_epsilon is not None and not (0 < self.max_ldp_epsilon <= MAX_EPSILON):
+            raise ValueError(f"max_ldp_epsilon must be in (0, {MAX_EPSILON:g}], got {self.max_ldp_epsilon}")
         for name, value in (
             ("rate_per_second", self.rate_per_second),
             ("request_timeout_s", self.request_timeout_s),

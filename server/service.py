@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge.ldp import debias
 from edge.policy import TAXONOMY_VERSION
 from server import decay
 from server.auth import Authenticator
@@ -26,7 +27,7 @@ from server.config import ServerConfig, is_loopback
 from server.guard import SERVICE_NAME, Guard, abort, current_principal
 from server.limits import RateLimiter
 from server.metrics import Metrics
-from server.store import BatchConflictError, PurgeResult, Store, StoreUnavailableError
+from server.store import BatchConflictError, MinorProfileError, PurgeResult, Store, StoreUnavailableError
 from server.validation import (
     ValidationError,
     accepted_days,
@@ -115,6 +116,9 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
         except BatchConflictError as exc:
             log.warning("event=ingest_rejected code=ALREADY_EXISTS batch=%s", batch.batch_id.hex())
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except MinorProfileError as exc:
+            log.info("event=ingest_rejected code=FAILED_PRECONDITION reason=minor")
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         self._metrics.batches.labels("duplicate" if result.duplicate else "applied").inc()
         self._metrics.signals.inc(result.applied_signals)
         log.debug(
@@ -196,11 +200,28 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
             "audience_size",
             self._store.audience_size(category_id, min_sum, self._config.retention_cutoff()),
         )
+        groups = await self._store_call(
+            context,
+            "signal_counts",
+            self._store.signal_counts(category_id, self._config.retention_cutoff()),
+        )
+        estimate = debias(groups, len(self._config.policy.interest_ids))
         k = self._config.min_audience
-        too_small = count < k
+        # k-anonymity holds for both figures: neither is revealed when either says fewer than k.
+        too_small = count < k or estimate.estimate < k
         self._metrics.audiences.labels("too_small" if too_small else "answered").inc()
+        if too_small:
+            return signals_pb2.AudienceSizeResponse(too_small=True, min_audience=k, as_of_day=today)
         return signals_pb2.AudienceSizeResponse(
-            too_small=too_small, profiles=0 if too_small else count, min_audience=k, as_of_day=today
+            too_small=False,
+            profiles=count,
+            min_audience=k,
+            as_of_day=today,
+            estimated_signals=estimate.estimate,
+            estimate_low=estimate.low,
+            estimate_high=estimate.high,
+            confidence=estimate.confidence,
+            noised_signals=sum(n for milli, _, n in groups if milli),
         )
 
 

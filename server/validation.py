@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 
+from edge.ldp import EPSILON_SCALE, MAX_EPSILON
 from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, REGION_PATTERN, TAXONOMY_VERSION, Policy
 from server.config import ServerConfig
 from server.decay import WEIGHT_LEVELS, date_of
@@ -98,6 +99,8 @@ def _digest(msg: signals_pb2.SignalBatch) -> bytes:
         "base_day": msg.base_day,
         "signals": sorted([s.category_id, s.weight_level, s.day_offset] for s in msg.signals),
     }
+    if msg.ldp_epsilon_milli:  # only when set: digests of batches from before the field stay the same
+        content["ldp_epsilon_milli"] = msg.ldp_epsilon_milli
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
@@ -143,6 +146,7 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
             f"base_day {msg.base_day} is too old; expected at least {oldest} ({date_of(oldest)}, "
             f"{today - oldest} days ago: {why})",
         )
+    _validate_epsilon(msg.ldp_epsilon_milli, config)
     signals = tuple(_validate_signal(n, s, msg.base_day, config) for n, s in enumerate(msg.signals))
     return Batch(
         batch_id=msg.batch_id,
@@ -151,7 +155,27 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
         base_day=msg.base_day,
         signals=signals,
         digest=_digest(msg),
+        epsilon_milli=msg.ldp_epsilon_milli,
+        refuse_minor=config.policy.regions.minors_blocked(msg.region, config.clock()) is not None,
     )
+
+
+def _validate_epsilon(milli: int, config: ServerConfig) -> None:
+    """The declared randomized-response epsilon must be one the aggregator can de-bias, and no weaker
+    than the deployment requires (``max_ldp_epsilon``)."""
+    limit = MAX_EPSILON if config.max_ldp_epsilon is None else config.max_ldp_epsilon
+    if milli > round(limit * EPSILON_SCALE):
+        raise ValidationError(
+            "ldp_epsilon_milli",
+            f"ldp_epsilon_milli must be at most {round(limit * EPSILON_SCALE)} (epsilon {limit:g}); "
+            f"got {milli}",
+        )
+    if milli == 0 and config.max_ldp_epsilon is not None:
+        raise ValidationError(
+            "ldp_epsilon_milli",
+            f"this aggregator only accepts signals noised with local differential privacy (epsilon at most "
+            f"{config.max_ldp_epsilon:g}); ldp_epsilon_milli is 0",
+        )
 
 
 def validate_audience(msg: signals_pb2.AudienceSizeRequest, config: ServerConfig) -> tuple[str, float]:

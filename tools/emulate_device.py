@@ -6,10 +6,12 @@
     python tools/emulate_device.py --target aggregator:50051 --token-file tokens.json --tls-ca ca.pem
     python tools/emulate_device.py --target 127.0.0.1:50051 --text --outbox-dir outboxes --offline-for 20
     python tools/emulate_device.py --target 127.0.0.1:50051 --text --outbox-dir outboxes --kill-every 5
+    python tools/emulate_device.py --target 127.0.0.1:50051 --ldp-epsilon 2 --daily-budget 20
 
 Each virtual device has a profile id, a region and a list of voice queries (audio files, or text lines
 spoken with espeak-ng when it is installed, or analysed as text with --text). Every utterance goes
-through speech gate, ASR, classifier and privacy filter; surviving signals are batched and sent with
+through speech gate, ASR, classifier and privacy filter; surviving signals go through local differential
+privacy when --ldp-epsilon is set (daily budget, then randomized response), and are batched and sent with
 the device's client. The run ends with a summary (also as JSON with --report).
 
 With --outbox-dir each device keeps its outbox in a SQLite file there (as the glasses do), so it survives
@@ -26,6 +28,7 @@ An aggregator started with `sotto-server serve` wants a token per device: `sotto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -48,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.audio import AudioError  # noqa: E402
 from edge.client import DeliveryClient, TlsOptions  # noqa: E402
+from edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions, LocalPrivacy  # noqa: E402
 from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline  # noqa: E402
 from edge.policy import REGION_PATTERN  # noqa: E402
 
@@ -83,6 +87,8 @@ class DeviceReport:
     region: str
     utterances: int = 0
     signals: int = 0
+    #: Signals the daily privacy budget held back (LDP only).
+    withheld: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     analyses: list[dict[str, Any]] = field(default_factory=list)
@@ -170,10 +176,8 @@ def run_device(
             elif as_text or speaker is None:
                 result = device.analyze_text(query.text or "")
             else:
-                result = device.analyze_file(speaker.speak(query.text or ""))
-                result = Analysis(
-                    query.label, result.transcript, result.signals, result.dropped, result.timings_ms
-                )
+                spoken = device.analyze_file(speaker.speak(query.text or ""))
+                result = dataclasses.replace(spoken, input=query.label)
         except AudioError as exc:
             print(f"emulate_device: skipped {query.label}: {exc}", file=sys.stderr)
             progress.update(1)
@@ -181,10 +185,14 @@ def run_device(
         report.latencies_ms.append((time.perf_counter() - started) * 1000)
         report.utterances += 1
         report.signals += len(result.signals)
+        report.withheld += result.withheld
         if result.dropped:
             report.dropped[result.dropped.reason] += 1
-        report.analyses.append(result.to_json(device.models.policy))
-        client.add(result.signals)
+        document = result.to_json(device.models.policy)
+        if device.ldp is not None:  # what was sent, after the budget and randomized response
+            document.update(result.noised_json(device.models.policy))
+        report.analyses.append(document)
+        client.add(result.outgoing)
         # Not atomic with the add: a kill in between replays the utterance, and the outbox counts the
         # replayed signals as accepted again (they are new signals as far as delivery is concerned).
         client.outbox.set_state(PROGRESS_KEY, str(index + 1))
@@ -224,7 +232,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(
-    reports: list[DeviceReport], clients: list[DeliveryClient], wall_s: float, mode: str
+    reports: list[DeviceReport],
+    clients: list[DeliveryClient],
+    wall_s: float,
+    mode: str,
+    ldp_epsilon: float | None = None,
 ) -> dict[str, Any]:
     dropped: Counter[str] = Counter()
     for r in reports:
@@ -245,6 +257,8 @@ def summarize(
         "devices": len(reports),
         "utterances": sum(r.utterances for r in reports),
         "signals_produced": sum(r.signals for r in reports),
+        "ldp_epsilon": ldp_epsilon,
+        "signals_withheld_by_budget": sum(r.withheld for r in reports),
         "signals_sent": sent,
         "batches_sent": sum(c.stats.batches_sent for c in clients),
         "batches_pending": sum(c.pending_batches for c in clients),
@@ -295,6 +309,8 @@ def print_summary(s: dict[str, Any]) -> None:
         ("devices", s["devices"]),
         ("utterances", s["utterances"]),
         ("signals produced", s["signals_produced"]),
+        ("local differential privacy", f"epsilon {s['ldp_epsilon']}" if s["ldp_epsilon"] else "off"),
+        ("signals withheld by the daily budget", s["signals_withheld_by_budget"]),
         ("signals sent (acknowledged)", s["signals_sent"]),
         ("batches sent / pending", f"{s['batches_sent']} / {s['batches_pending']}"),
         ("batches rejected", ", ".join(f"{k}: {v}" for k, v in s["batches_rejected"].items()) or "0"),
@@ -353,6 +369,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7, help="seed for drawing queries (default: 7)")
     p.add_argument(
         "--no-clips", action="store_true", help="leave the real recorded clips out of the demo set"
+    )
+    p.add_argument(
+        "--ldp-epsilon",
+        type=float,
+        default=0.0,
+        help="local differential privacy: randomized-response epsilon per signal (default: 0 = off; "
+        "tools/demo.sh uses 2)",
+    )
+    p.add_argument(
+        "--daily-budget",
+        type=int,
+        default=DEFAULT_DAILY_BUDGET,
+        help=f"with --ldp-epsilon: signals per device per day (default: {DEFAULT_DAILY_BUDGET})",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="folder for each device's persisted privacy budget (default: a temporary folder per run)",
     )
     p.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
     p.add_argument("--report", type=Path, default=None, help="write the summary as JSON to this file")
@@ -484,6 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--report {args.report}: folder {args.report.parent} does not exist")
     if args.tls_ca is not None and not args.tls_ca.is_file():
         parser.error(f"--tls-ca {args.tls_ca}: no such file")
+    if args.state_dir is not None and not args.state_dir.is_dir():
+        parser.error(f"--state-dir {args.state_dir}: no such folder")
+    ldp_options = None
+    if args.ldp_epsilon:
+        try:
+            ldp_options = LdpOptions(args.ldp_epsilon, args.daily_budget)
+        except ValueError as exc:
+            parser.error(f"--ldp-epsilon/--daily-budget: {exc}")
     if args.outbox_dir is not None:
         args.outbox_dir.mkdir(parents=True, exist_ok=True)
     if args.kill_every:
@@ -530,7 +573,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.per_device
                 else list(queries)
             )
-            devices.append(Pipeline(models, region=region))
+            ldp = None
+            if ldp_options is not None:
+                state = args.state_dir or Path(tmp)
+                budget = state / f"{profile}.budget.json"
+                ldp = LocalPrivacy(models.policy.interest_ids, ldp_options, budget)
+            devices.append(Pipeline(models, region=region, ldp=ldp))
             clients.append(
                 DeliveryClient(
                     profile,
@@ -564,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for fut in futures:
                 fut.result()
-        summary = summarize(reports, clients, time.perf_counter() - started, mode)
+        summary = summarize(reports, clients, time.perf_counter() - started, mode, args.ldp_epsilon or None)
         for client in clients:
             client.close()
         channel.close()

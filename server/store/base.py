@@ -32,6 +32,10 @@ class BatchConflictError(StoreError):
     """A batch id was reused with different content."""
 
 
+class MinorProfileError(StoreError):
+    """The batch's profile is marked as a minor and the policy forbids storing its signals."""
+
+
 @dataclass(frozen=True, slots=True)
 class Signal:
     """One validated signal: a category, a weight level (1-4) and the day it was observed."""
@@ -62,6 +66,18 @@ class Batch:
     signals: tuple[Signal, ...]
     #: SHA-256 of the canonical content; tells a resend from a reused id.
     digest: bytes
+    #: Epsilon (thousandths) of the randomized response the categories went through; 0: not noised.
+    epsilon_milli: int = 0
+    #: The region table forbids interest signals of minors here today: refuse the batch, inside the
+    #: transaction, if the profile is marked as a minor.
+    refuse_minor: bool = False
+
+    def counts(self) -> list[tuple[str, int, int]]:
+        """``(category_id, day, signals)`` per category and day, sorted: what the audience estimate reads."""
+        counts: dict[tuple[str, int], int] = {}
+        for s in self.signals:
+            counts[s.category_id, s.day] = counts.get((s.category_id, s.day), 0) + 1
+        return [(cid, day, n) for (cid, day), n in sorted(counts.items())]
 
     def entries(self, half_life_days: float) -> list[Entry]:
         """One entry per category (its signals merged), sorted by category id.
@@ -105,6 +121,8 @@ class PurgeResult:
     entries: int
     profiles: int
     batches: int
+    #: (profile, category, epsilon, day) signal counts of the audience estimate.
+    signal_counts: int = 0
 
 
 class Role(StrEnum):
@@ -154,7 +172,8 @@ class Store(Protocol):
         ...
 
     async def delete_profile(self, profile_id: str) -> bool:
-        """Erase every row of the profile (scores, batch ids, device tokens) in one transaction.
+        """Erase every row of the profile (scores, signal counts, batch ids, device tokens) in one
+        transaction; a minor mark stays, because it only ever stops data.
 
         Returns True when there was something to erase.
         """
@@ -165,9 +184,25 @@ class Store(Protocol):
         reinforced on ``since_day`` or later."""
         ...
 
+    async def signal_counts(self, category_id: str, since_day: int) -> list[tuple[int, int, int]]:
+        """Per epsilon (thousandths; 0 = not noised) of the signals observed on ``since_day`` or later:
+        ``(epsilon_milli, signals of the category, signals of every category)``, sorted by epsilon."""
+        ...
+
+    async def mark_minor(self, profile_id: str, minor: bool) -> int:
+        """Mark (or unmark) the profile as a minor. Marking erases, in the same transaction, every stored
+        signal of the profile (scores, signal counts, batch ids; not its credentials). Returns how many
+        rows were erased."""
+        ...
+
+    async def minors(self) -> list[str]:
+        """Profiles marked as minors, sorted."""
+        ...
+
     async def purge(self, before_day: int) -> PurgeResult:
-        """Remove entries last reinforced before ``before_day``, profiles left without entries, and batch
-        ids with a base day before it (a resend of those is refused as too old anyway)."""
+        """Remove entries last reinforced before ``before_day``, profiles left without entries, signal
+        counts of days before it, and batch ids with a base day before it (a resend of those is refused as
+        too old anyway)."""
         ...
 
     async def add_credential(self, credential: Credential) -> None:

@@ -32,6 +32,7 @@ from server.store.base import (
     BatchConflictError,
     Credential,
     HalfLifeMismatchError,
+    MinorProfileError,
     PurgeResult,
     Role,
     StoreConfigError,
@@ -78,6 +79,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX credentials_by_profile ON credentials (profile_id)",
     ),
+    (
+        # Local differential privacy: signals per (profile, category, epsilon, day), so the audience
+        # estimate can de-bias each mechanism, and deletion and retention reach them by profile and day.
+        """CREATE TABLE signal_counts (
+            profile_id TEXT NOT NULL,
+            category_id TEXT NOT NULL,
+            epsilon_milli INTEGER NOT NULL,
+            day INTEGER NOT NULL,
+            n BIGINT NOT NULL,
+            PRIMARY KEY (profile_id, category_id, epsilon_milli, day)
+        )""",
+        "CREATE INDEX signal_counts_by_day ON signal_counts (day)",
+        # Profiles marked as minors (an admin's decision); the region table says where that stops signals.
+        "CREATE TABLE minors (profile_id TEXT PRIMARY KEY)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key serialising migrations ("sotto" in ASCII).
@@ -101,6 +117,18 @@ _ADD_SCORE = (
     "ON CONFLICT (profile_id, category_id) DO UPDATE "
     "SET s = scores.s + excluded.s, last_day = greatest(scores.last_day, excluded.last_day)"
 )
+_ADD_COUNT = (
+    "INSERT INTO signal_counts (profile_id, category_id, epsilon_milli, day, n) VALUES (%s, %s, %s, %s, %s) "
+    "ON CONFLICT (profile_id, category_id, epsilon_milli, day) DO UPDATE "
+    "SET n = signal_counts.n + excluded.n"
+)
+_SIGNAL_COUNTS = (
+    "SELECT epsilon_milli, sum(CASE WHEN category_id = %s THEN n ELSE 0 END), sum(n) FROM signal_counts "
+    "WHERE day >= %s GROUP BY epsilon_milli ORDER BY epsilon_milli"
+)
+#: Tables holding a profile's signals, in locking order (profiles first, see the module doc): what marking
+#: it as a minor erases (deletion also erases credentials).
+_SIGNAL_TABLES = ("profiles", "scores", "signal_counts", "batches")
 
 
 def describe(url: str) -> str:
@@ -170,6 +198,16 @@ async def _apply(conn: AsyncConnection, batch: Batch, half_life_days: float) -> 
             await cur.executemany(
                 _ADD_SCORE, [(batch.profile_id, e.category_id, e.increment, e.last_day) for e in entries]
             )
+            await cur.executemany(
+                _ADD_COUNT,
+                [(batch.profile_id, cid, batch.epsilon_milli, day, n) for cid, day, n in batch.counts()],
+            )
+        # Last, holding the profile's row lock: a mark committed before this statement is seen (READ
+        # COMMITTED), and a mark committing after it waits for this transaction and then erases its rows.
+        if batch.refuse_minor:
+            cursor = await conn.execute("SELECT 1 FROM minors WHERE profile_id = %s", (batch.profile_id,))
+            if await cursor.fetchone() is not None:
+                raise MinorProfileError("this profile is marked as a minor: no interest signals are accepted")
     return ApplyResult(duplicate=False, applied_signals=len(batch.signals))
 
 
@@ -196,10 +234,37 @@ async def _delete(conn: AsyncConnection, profile_id: str) -> bool:
     removed = 0
     async with conn.transaction():
         # profiles first: a concurrent batch of this profile waits on that row (see the module doc).
-        for table in ("profiles", "scores", "batches", "credentials"):
+        for table in (*_SIGNAL_TABLES, "credentials"):
             cursor = await conn.execute(f"DELETE FROM {table} WHERE profile_id = %s", (profile_id,))
             removed += cursor.rowcount
     return removed > 0
+
+
+async def _signal_counts(
+    conn: AsyncConnection, category_id: str, since_day: int
+) -> list[tuple[int, int, int]]:
+    cursor = await conn.execute(_SIGNAL_COUNTS, (category_id, since_day))
+    return [(int(e), int(c), int(n)) for e, c, n in await cursor.fetchall()]
+
+
+async def _mark_minor(conn: AsyncConnection, profile_id: str, minor: bool) -> int:
+    removed = 0
+    async with conn.transaction():
+        if not minor:
+            await conn.execute("DELETE FROM minors WHERE profile_id = %s", (profile_id,))
+            return 0
+        await conn.execute(
+            "INSERT INTO minors (profile_id) VALUES (%s) ON CONFLICT DO NOTHING", (profile_id,)
+        )
+        for table in _SIGNAL_TABLES:
+            cursor = await conn.execute(f"DELETE FROM {table} WHERE profile_id = %s", (profile_id,))
+            removed += cursor.rowcount
+    return removed
+
+
+async def _minors(conn: AsyncConnection) -> list[str]:
+    cursor = await conn.execute("SELECT profile_id FROM minors ORDER BY profile_id")
+    return [row[0] for row in await cursor.fetchall()]
 
 
 async def _audience(conn: AsyncConnection, category_id: str, min_sum: float, since_day: int) -> int:
@@ -219,7 +284,13 @@ async def _purge(conn: AsyncConnection, before_day: int) -> PurgeResult:
         # re-checks the updated row before deleting it.
         profiles = await conn.execute("DELETE FROM profiles WHERE last_day < %s", (before_day,))
         batches = await conn.execute("DELETE FROM batches WHERE base_day < %s", (before_day,))
-    return PurgeResult(entries=entries.rowcount, profiles=profiles.rowcount, batches=batches.rowcount)
+        counts = await conn.execute("DELETE FROM signal_counts WHERE day < %s", (before_day,))
+    return PurgeResult(
+        entries=entries.rowcount,
+        profiles=profiles.rowcount,
+        batches=batches.rowcount,
+        signal_counts=counts.rowcount,
+    )
 
 
 async def _add_credential(conn: AsyncConnection, credential: Credential) -> None:
@@ -317,6 +388,18 @@ class PostgresStore:
     async def audience_size(self, category_id: str, min_sum: float, since_day: int) -> int:
         """Distinct profiles with at least ``min_sum`` in the category, reinforced since ``since_day``."""
         return await self._run(lambda conn: _audience(conn, category_id, min_sum, since_day))
+
+    async def signal_counts(self, category_id: str, since_day: int) -> list[tuple[int, int, int]]:
+        """Per epsilon: signals of the category and of every category since ``since_day``."""
+        return await self._run(lambda conn: _signal_counts(conn, category_id, since_day))
+
+    async def mark_minor(self, profile_id: str, minor: bool) -> int:
+        """Mark or unmark a minor; marking erases the profile's signals (see ``Store.mark_minor``)."""
+        return await self._run(lambda conn: _mark_minor(conn, profile_id, minor))
+
+    async def minors(self) -> list[str]:
+        """Profiles marked as minors."""
+        return await self._run(_minors)
 
     async def purge(self, before_day: int) -> PurgeResult:
         """Remove what was last reinforced before ``before_day`` (see ``Store.purge``)."""

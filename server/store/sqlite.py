@@ -24,6 +24,7 @@ from server.store.base import (
     BatchConflictError,
     Credential,
     HalfLifeMismatchError,
+    MinorProfileError,
     PurgeResult,
     Role,
     StoreConfigError,
@@ -73,6 +74,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX credentials_by_profile ON credentials (profile_id)",
     ),
+    (
+        # Local differential privacy: signals per (profile, category, epsilon, day), so the audience
+        # estimate can de-bias each mechanism, and deletion and retention reach them by profile and day.
+        """CREATE TABLE signal_counts (
+            profile_id TEXT NOT NULL,
+            category_id TEXT NOT NULL,
+            epsilon_milli INTEGER NOT NULL,
+            day INTEGER NOT NULL,
+            n BIGINT NOT NULL,
+            PRIMARY KEY (profile_id, category_id, epsilon_milli, day)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX signal_counts_by_day ON signal_counts (day)",
+        # Profiles marked as minors (an admin's decision); the region table says where that stops signals.
+        "CREATE TABLE minors (profile_id TEXT PRIMARY KEY) WITHOUT ROWID",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -90,6 +106,16 @@ _ADD_SCORE = (
     "ON CONFLICT (profile_id, category_id) DO UPDATE "
     "SET s = s + excluded.s, last_day = max(last_day, excluded.last_day)"
 )
+_ADD_COUNT = (
+    "INSERT INTO signal_counts (profile_id, category_id, epsilon_milli, day, n) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (profile_id, category_id, epsilon_milli, day) DO UPDATE SET n = n + excluded.n"
+)
+_SIGNAL_COUNTS = (
+    "SELECT epsilon_milli, sum(CASE WHEN category_id = ? THEN n ELSE 0 END), sum(n) FROM signal_counts "
+    "WHERE day >= ? GROUP BY epsilon_milli ORDER BY epsilon_milli"
+)
+#: Tables holding a profile's signals: what marking it as a minor erases (deletion also erases credentials).
+_SIGNAL_TABLES = ("profiles", "scores", "signal_counts", "batches")
 
 
 @contextmanager
@@ -199,6 +225,16 @@ def _apply(conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> App
             return ApplyResult(duplicate=True, applied_signals=0)
         conn.execute(_COUNT_BATCH, (batch.profile_id, max(e.last_day for e in entries)))
         conn.executemany(_ADD_SCORE, rows)
+        conn.executemany(
+            _ADD_COUNT,
+            [(batch.profile_id, cid, batch.epsilon_milli, day, n) for cid, day, n in batch.counts()],
+        )
+        # Last, as in the PostgreSQL store, where a concurrent mark committed by now is seen here.
+        if (
+            batch.refuse_minor
+            and conn.execute("SELECT 1 FROM minors WHERE profile_id = ?", (batch.profile_id,)).fetchone()
+        ):
+            raise MinorProfileError("this profile is marked as a minor: no interest signals are accepted")
     return ApplyResult(duplicate=False, applied_signals=len(batch.signals))
 
 
@@ -224,9 +260,29 @@ def _delete(conn: sqlite3.Connection, profile_id: str) -> bool:
     with _transaction(conn, "IMMEDIATE"):
         removed = sum(
             conn.execute(f"DELETE FROM {table} WHERE profile_id = ?", (profile_id,)).rowcount
-            for table in ("profiles", "scores", "batches", "credentials")
+            for table in (*_SIGNAL_TABLES, "credentials")
         )
     return removed > 0
+
+
+def _signal_counts(conn: sqlite3.Connection, category_id: str, since_day: int) -> list[tuple[int, int, int]]:
+    return [(int(e), int(c), int(n)) for e, c, n in conn.execute(_SIGNAL_COUNTS, (category_id, since_day))]
+
+
+def _mark_minor(conn: sqlite3.Connection, profile_id: str, minor: bool) -> int:
+    with _transaction(conn, "IMMEDIATE"):
+        if not minor:
+            conn.execute("DELETE FROM minors WHERE profile_id = ?", (profile_id,))
+            return 0
+        conn.execute("INSERT INTO minors (profile_id) VALUES (?) ON CONFLICT DO NOTHING", (profile_id,))
+        return sum(
+            conn.execute(f"DELETE FROM {table} WHERE profile_id = ?", (profile_id,)).rowcount
+            for table in _SIGNAL_TABLES
+        )
+
+
+def _minors(conn: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT profile_id FROM minors ORDER BY profile_id")]
 
 
 def _audience(conn: sqlite3.Connection, category_id: str, min_sum: float, since_day: int) -> int:
@@ -243,7 +299,8 @@ def _purge(conn: sqlite3.Connection, before_day: int) -> PurgeResult:
         # A profile's last_day is the newest of its entries', so these profiles have no entry left.
         profiles = conn.execute("DELETE FROM profiles WHERE last_day < ?", (before_day,)).rowcount
         batches = conn.execute("DELETE FROM batches WHERE base_day < ?", (before_day,)).rowcount
-    return PurgeResult(entries=entries, profiles=profiles, batches=batches)
+        counts = conn.execute("DELETE FROM signal_counts WHERE day < ?", (before_day,)).rowcount
+    return PurgeResult(entries=entries, profiles=profiles, batches=batches, signal_counts=counts)
 
 
 def _add_credential(conn: sqlite3.Connection, credential: Credential) -> None:
@@ -352,6 +409,18 @@ class SQLiteStore:
     async def audience_size(self, category_id: str, min_sum: float, since_day: int) -> int:
         """Distinct profiles with at least ``min_sum`` in the category, reinforced since ``since_day``."""
         return await self._read(lambda conn: _audience(conn, category_id, min_sum, since_day))
+
+    async def signal_counts(self, category_id: str, since_day: int) -> list[tuple[int, int, int]]:
+        """Per epsilon: signals of the category and of every category since ``since_day``."""
+        return await self._read(lambda conn: _signal_counts(conn, category_id, since_day))
+
+    async def mark_minor(self, profile_id: str, minor: bool) -> int:
+        """Mark or unmark a minor; marking erases the profile's signals (see ``Store.mark_minor``)."""
+        return await self._write(lambda conn: _mark_minor(conn, profile_id, minor))
+
+    async def minors(self) -> list[str]:
+        """Profiles marked as minors."""
+        return await self._read(_minors)
 
     async def purge(self, before_day: int) -> PurgeResult:
         """Remove what was last reinforced before ``before_day`` (see ``Store.purge``)."""

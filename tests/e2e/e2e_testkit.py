@@ -94,6 +94,8 @@ class CaptureProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._captured = bytearray()
+        #: The same bytes, per client connection (in the order connections were accepted).
+        self._connections: list[bytearray] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -102,6 +104,11 @@ class CaptureProxy:
     def captured(self) -> bytes:
         with self._lock:
             return bytes(self._captured)
+
+    @property
+    def connections(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(c) for c in self._connections]
 
     def __enter__(self) -> CaptureProxy:
         self._thread.start()
@@ -117,6 +124,7 @@ class CaptureProxy:
         self._listener.setblocking(False)
         sel.register(self._listener, selectors.EVENT_READ, None)
         peers: dict[socket.socket, tuple[socket.socket, bool]] = {}
+        buffers: dict[socket.socket, bytearray] = {}
         while not self._stop.is_set():
             for key, _ in sel.select(timeout=0.1):
                 sock = key.fileobj
@@ -126,6 +134,9 @@ class CaptureProxy:
                     upstream = socket.create_connection(self._target)
                     peers[client] = (upstream, True)
                     peers[upstream] = (client, False)
+                    with self._lock:
+                        buffers[client] = bytearray()
+                        self._connections.append(buffers[client])
                     sel.register(client, selectors.EVENT_READ)
                     sel.register(upstream, selectors.EVENT_READ)
                     continue
@@ -146,10 +157,48 @@ class CaptureProxy:
                 if from_client:
                     with self._lock:
                         self._captured += data
+                        buffers[sock] += data
                 other.sendall(data)
         for s in list(peers):
             s.close()
         sel.close()
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DATA, _PADDED = 0, 0x8
+
+
+def grpc_requests(connection: bytes) -> list[bytes]:
+    """The serialized request messages a client sent on one plaintext HTTP/2 connection.
+
+    Reads the frames (DATA payloads per stream, padding removed), then the gRPC length-prefixed messages of
+    each stream. Strict: any byte that does not fit the framing fails, so nothing can hide from the caller.
+    """
+    assert connection.startswith(HTTP2_PREFACE), "not an HTTP/2 client connection"
+    streams: dict[int, bytearray] = {}
+    pos = len(HTTP2_PREFACE)
+    while pos < len(connection):
+        assert pos + 9 <= len(connection), "truncated HTTP/2 frame header"
+        length = int.from_bytes(connection[pos : pos + 3], "big")
+        kind, flags = connection[pos + 3], connection[pos + 4]
+        stream = int.from_bytes(connection[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+        payload = connection[pos + 9 : pos + 9 + length]
+        assert len(payload) == length, "truncated HTTP/2 frame"
+        pos += 9 + length
+        if kind == _DATA:
+            if flags & _PADDED:
+                payload = payload[1 : len(payload) - payload[0]]
+            streams.setdefault(stream, bytearray()).extend(payload)
+    messages = []
+    for data in streams.values():
+        at = 0
+        while at < len(data):
+            compressed, size = data[at], int.from_bytes(data[at + 1 : at + 5], "big")
+            assert compressed == 0, "compressed gRPC message: cannot be inspected"
+            messages.append(bytes(data[at + 5 : at + 5 + size]))
+            assert len(messages[-1]) == size, "truncated gRPC message"
+            at += 5 + size
+    return messages
 
 
 def write_wav(path: Path, samples: list[int] | bytes, rate: int = 16000) -> Path:

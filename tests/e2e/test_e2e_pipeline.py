@@ -1,8 +1,9 @@
 """A spoken query becomes a merged interest profile: real server, real emulator, real audio.
 
 Starts `sotto-server serve` on SQLite with a token per device, runs tools/emulate_device.py against it
-through a capturing TCP proxy with real recorded clips from shared/data plus spoken queries (espeak-ng),
-then checks the stored profiles against what the devices sent, and what crossed the wire.
+(with local differential privacy on, as in the demo) through a capturing TCP proxy with real recorded
+clips from shared/data plus spoken queries (espeak-ng), then checks the stored profiles against what the
+devices sent, and what crossed the wire: no transcript word, no audio bytes, no sensitive category.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from e2e_testkit import ROOT, SHARED, CaptureProxy, aggregator, write_wav
+from e2e_testkit import ROOT, SHARED, CaptureProxy, aggregator, grpc_requests, write_wav
+
+from edge.audio import load_audio
+from edge.policy import Policy
+from sotto.v1 import signals_pb2
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +38,7 @@ SPOKEN = {
     "sensitive_pain.wav": "i need a doctor for my back pain",
     "sensitive_rent.wav": "i cannot pay my rent this month, where can i get help",
 }
+EPSILON = 1.0
 
 
 def speak(text: str, out: Path) -> None:
@@ -84,6 +90,8 @@ def run(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
                 str(report),
                 "--token-file",
                 str(server.token_file),
+                "--ldp-epsilon",
+                str(EPSILON),
             ],
             cwd=ROOT,
             capture_output=True,
@@ -112,11 +120,13 @@ def run(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
             )
             profiles[device] = json.loads(out.stdout) if out.returncode == 0 else None
         captured = proxy.captured
+        connections = proxy.connections
         tokens = list(json.loads(server.token_file.read_text()).values())
     return {
         "summary": json.loads(report.read_text()),
         "profiles": profiles,
         "captured": captured,
+        "connections": connections,
         "tokens": tokens,
         "stdout": emulator.stdout,
     }
@@ -167,7 +177,9 @@ def test_stored_profiles_match_what_the_devices_sent(run: dict[str, object]) -> 
     for device, profile in profiles.items():
         sent: dict[str, float] = {}
         for analysis in summary["analyses"][device]:
-            for s in analysis["signals"]:
+            # What left the device: after the daily budget and randomized response (full weight each).
+            for s in analysis["sent"]:
+                assert s["epsilon"] == EPSILON and s["weight"] == 1.0
                 sent[s["id"]] = sent.get(s["id"], 0.0) + s["weight"]
         assert sent, "the demo clips must produce at least one signal"
         assert profile is not None, f"no profile stored for {device}"
@@ -195,10 +207,40 @@ def test_nothing_but_signals_crossed_the_wire(run: dict[str, object], clips: Pat
     assert {"flight", "paris", "doctor", "country"} <= words  # the transcripts were real
     leaked = sorted(w for w in words if w.encode() in wire)
     assert leaked == [], f"transcript words on the wire: {leaked}"
-    for clip in clips.glob("*.wav"):
-        with wave.open(str(clip)) as wav:
-            frames = wav.readframes(wav.getnframes())
-        for start in range(len(frames) // 4, len(frames) - 64, max(64, len(frames) // 8)):
-            window = frames[start : start + 32]
-            if any(window):
-                assert window not in captured, f"audio bytes of {clip.name} on the wire"
+    checked = 0
+    for clip in clips.iterdir():
+        # Runs of 16 PCM samples, every 512 bytes: from the file as recorded and as the device decoded it
+        # (16 kHz mono int16, what the pipeline works on).
+        pcm = (np.clip(load_audio(clip).samples, -1, 1) * 32767).astype("<i2").tobytes()
+        sources = [pcm]
+        if clip.suffix == ".wav":
+            with wave.open(str(clip)) as wav:
+                sources.append(wav.readframes(wav.getnframes()))
+        for frames in sources:
+            windows = [frames[i : i + 32] for i in range(0, len(frames) - 32, 512)]
+            windows = [w for w in windows if len(set(w)) > 4]  # silence and near-silence match anything
+            checked += len(windows)
+            assert not any(w in captured for w in windows), f"audio bytes of {clip.name} on the wire"
+    assert checked > 1000
+
+
+def test_only_allowed_categories_crossed_the_wire(run: dict[str, object]) -> None:
+    """Every request on the wire, decoded from the HTTP/2 frames: only batches of allowed, noised
+    categories; and no sensitive category id anywhere in the bytes, in its encoded form."""
+    policy = Policy.load()
+    summary = run["summary"]
+    connections = run["connections"]
+    assert isinstance(summary, dict) and isinstance(connections, list) and connections
+    batches = [signals_pb2.SignalBatch.FromString(m) for c in connections for m in grpc_requests(c)]
+    assert len(batches) == summary["batches_sent"] + summary["retries"]
+    ids = [s.category_id for b in batches for s in b.signals]
+    assert len(ids) == summary["signals_sent"] > 0
+    assert all(b.ldp_epsilon_milli == EPSILON * 1000 for b in batches)
+    assert set(ids) <= policy.interest_ids
+    assert not [cid for cid in ids if cid in policy.sensitive]
+    wire = run["captured"]
+    assert isinstance(wire, bytes)
+    for cid in policy.taxonomy:
+        if cid in policy.sensitive:
+            encoded = b"\x0a" + bytes([len(cid)]) + cid.encode()  # Signal.category_id = cid
+            assert encoded not in wire, f"sensitive category {cid} on the wire"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime as dt
 import os
 import re
@@ -14,11 +15,13 @@ import tempfile
 import threading
 import wave
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
 from edge.audio import SAMPLE_RATE
 from edge.classifier import ClassifierOutput
@@ -113,6 +116,59 @@ def copy_models(dst: Path) -> Path:
     """A full copy of the shipped models folder."""
     shutil.copytree(MODELS, dst)
     return dst
+
+
+# --- the wire allow-list -------------------------------------------------------------------------
+
+ALLOWLIST = REPO / "proto" / "WIRE_ALLOWLIST.tsv"
+_PROTO_TYPES = {
+    "string": FieldDescriptor.TYPE_STRING,
+    "bytes": FieldDescriptor.TYPE_BYTES,
+    "uint32": FieldDescriptor.TYPE_UINT32,
+    "uint64": FieldDescriptor.TYPE_UINT64,
+    "double": FieldDescriptor.TYPE_DOUBLE,
+    "bool": FieldDescriptor.TYPE_BOOL,
+    "message": FieldDescriptor.TYPE_MESSAGE,
+}
+
+
+@dataclass(frozen=True)
+class AllowedField:
+    """One reviewed row of proto/WIRE_ALLOWLIST.tsv."""
+
+    field: str
+    number: int
+    proto_type: int
+    repeated: bool
+    #: device (a device sends it), server or admin.
+    sender: str
+    #: The name of the value check a device-sent field must pass (see test_edge_wire.py), or "-".
+    check: str
+    why: str
+
+
+def load_allowlist() -> dict[str, AllowedField]:
+    """The reviewed allow-list of wire fields, by full field name; every column must be filled in."""
+    rows: dict[str, AllowedField] = {}
+    with ALLOWLIST.open(encoding="utf-8", newline="") as fh:
+        for n, row in enumerate(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=2):
+            empty = [k for k, v in row.items() if not (v or "").strip()]
+            assert not empty, f"{ALLOWLIST}:{n}: empty column(s) {empty}"
+            assert row["type"] in _PROTO_TYPES, f"{ALLOWLIST}:{n}: unknown type {row['type']!r}"
+            assert row["label"] in ("optional", "repeated"), f"{ALLOWLIST}:{n}: label {row['label']!r}"
+            sender = row["sender"]
+            assert sender in ("device", "server", "admin"), f"{ALLOWLIST}:{n}: sender {sender!r}"
+            assert row["field"] not in rows, f"{ALLOWLIST}:{n}: {row['field']} listed twice"
+            rows[row["field"]] = AllowedField(
+                row["field"],
+                int(row["number"]),
+                _PROTO_TYPES[row["type"]],
+                row["label"] == "repeated",
+                row["sender"],
+                row["check"],
+                row["why it is safe"],
+            )
+    return rows
 
 
 # --- the CLI --------------------------------------------------------------------------------------

@@ -119,3 +119,36 @@ def test_unreadable_audio_fails_that_item_only(tmp_path: Path) -> None:
     assert "x.wav" in proc.stderr
     docs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [d["input"] for d in docs] == [COMMERCIAL]
+
+
+def test_show_noised_adds_what_would_be_sent_and_keeps_the_contract() -> None:
+    texts = [COMMERCIAL, "i need a doctor for my back pain", "where can i buy running shoes"]
+    args = [a for t in texts for a in ("--text", t)]
+    plain = _lines(run_cli(*args))
+    noised = _lines(run_cli(*args, "--show-noised", "--ldp-epsilon", "1.5", "--daily-budget", "1"))
+    for doc in plain:
+        _check_shape(doc)
+    for before, after in zip(plain, noised, strict=True):
+        # The filter's decision is reported exactly as without the flag, before any noise.
+        assert {k: after[k] for k in ("input", "transcript", "signals", "dropped")} == before
+        assert set(after) == {"input", "transcript", "signals", "dropped", "sent", "withheld_by_budget"}
+        for item in after["sent"]:
+            assert set(item) == {"id", "name", "tier1", "weight", "epsilon"}
+            assert item["weight"] == 1.0 and item["epsilon"] == 1.5
+    first, sensitive, third = noised
+    assert len(first["sent"]) == 1 and first["withheld_by_budget"] == len(first["signals"]) - 1
+    assert sensitive["sent"] == [] and sensitive["withheld_by_budget"] == 0  # a drop is never noised in
+    assert third["sent"] == [] and third["withheld_by_budget"] == len(third["signals"])  # budget spent
+
+
+def test_minor_flag_drops_every_query() -> None:
+    (doc,) = _lines(run_cli("--text", COMMERCIAL, "--minor"))
+    _check_shape(doc)
+    assert doc["dropped"]["reason"] == "minor" and doc["transcript"] is None
+
+
+@pytest.mark.parametrize("args", [["--ldp-epsilon", "0"], ["--ldp-epsilon", "11"], ["--daily-budget", "0"]])
+def test_bad_ldp_settings_are_usage_errors(args: list[str]) -> None:
+    proc = run_cli("--text", COMMERCIAL, "--show-noised", *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "epsilon" in proc.stderr or "budget" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from edge_testkit import DOGS, MOVIES, MUSIC, PROFILE, TODAY
+from edge_testkit import DOGS, MOVIES, MUSIC, PROFILE, TODAY, load_allowlist
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from edge.policy import TAXONOMY_VERSION, day_number
@@ -16,41 +16,11 @@ from sotto.v1 import signals_pb2
 DAY = day_number(TODAY)
 F = FieldDescriptor
 
-# Every field of every message in sotto.v1, as reviewed: (type, number, repeated).
-# Adding, renumbering or retyping a field fails this test until the change has been reviewed here:
-# nothing may carry a transcript, audio, free text, a fine-grained clock or a hardware identifier.
+# Every field of every message in sotto.v1, as reviewed in proto/WIRE_ALLOWLIST.tsv: (type, number,
+# repeated). Adding, renumbering or retyping a field fails this test until the change has been reviewed
+# there: nothing may carry a transcript, audio, free text, a fine-grained clock or a hardware identifier.
 REVIEWED_FIELDS: dict[str, tuple[int, int, bool]] = {
-    "sotto.v1.Signal.category_id": (F.TYPE_STRING, 1, False),
-    "sotto.v1.Signal.weight_level": (F.TYPE_UINT32, 2, False),
-    "sotto.v1.Signal.day_offset": (F.TYPE_UINT32, 3, False),
-    "sotto.v1.SignalBatch.batch_id": (F.TYPE_BYTES, 1, False),
-    "sotto.v1.SignalBatch.profile_id": (F.TYPE_STRING, 2, False),
-    "sotto.v1.SignalBatch.region": (F.TYPE_STRING, 3, False),
-    "sotto.v1.SignalBatch.taxonomy_version": (F.TYPE_STRING, 4, False),
-    "sotto.v1.SignalBatch.base_day": (F.TYPE_UINT32, 5, False),
-    "sotto.v1.SignalBatch.signals": (F.TYPE_MESSAGE, 6, True),
-    "sotto.v1.IngestResponse.batch_id": (F.TYPE_BYTES, 1, False),
-    "sotto.v1.IngestResponse.duplicate": (F.TYPE_BOOL, 2, False),
-    "sotto.v1.IngestResponse.applied_signals": (F.TYPE_UINT32, 3, False),
-    "sotto.v1.GetProfileRequest.profile_id": (F.TYPE_STRING, 1, False),
-    "sotto.v1.GetProfileRequest.top_k": (F.TYPE_UINT32, 2, False),
-    "sotto.v1.CategoryScore.category_id": (F.TYPE_STRING, 1, False),
-    "sotto.v1.CategoryScore.name": (F.TYPE_STRING, 2, False),
-    "sotto.v1.CategoryScore.tier1": (F.TYPE_STRING, 3, False),
-    "sotto.v1.CategoryScore.score": (F.TYPE_DOUBLE, 4, False),
-    "sotto.v1.Profile.profile_id": (F.TYPE_STRING, 1, False),
-    "sotto.v1.Profile.taxonomy_version": (F.TYPE_STRING, 2, False),
-    "sotto.v1.Profile.as_of_day": (F.TYPE_UINT32, 3, False),
-    "sotto.v1.Profile.scores": (F.TYPE_MESSAGE, 4, True),
-    "sotto.v1.Profile.batches": (F.TYPE_UINT64, 5, False),
-    "sotto.v1.DeleteProfileRequest.profile_id": (F.TYPE_STRING, 1, False),
-    "sotto.v1.DeleteProfileResponse.deleted": (F.TYPE_BOOL, 1, False),
-    "sotto.v1.AudienceSizeRequest.category_id": (F.TYPE_STRING, 1, False),
-    "sotto.v1.AudienceSizeRequest.min_score": (F.TYPE_DOUBLE, 2, False),
-    "sotto.v1.AudienceSizeResponse.too_small": (F.TYPE_BOOL, 1, False),
-    "sotto.v1.AudienceSizeResponse.profiles": (F.TYPE_UINT64, 2, False),
-    "sotto.v1.AudienceSizeResponse.min_audience": (F.TYPE_UINT32, 3, False),
-    "sotto.v1.AudienceSizeResponse.as_of_day": (F.TYPE_UINT32, 4, False),
+    row.field: (row.proto_type, row.number, row.repeated) for row in load_allowlist().values()
 }
 #: The only field names that may hold text or bytes.
 REVIEWED_TEXT_FIELDS = {

@@ -100,6 +100,10 @@ def test_serve_with_tokens_admin_commands_metrics_and_clean_sigterm(tmp_path: Pa
             "profiles": None,
             "too_small": True,
             "min_audience": 50,
+            "estimated_signals": None,
+            "estimate_interval": None,
+            "confidence": None,
+            "noised_signals": None,
         }
 
         with urllib.request.urlopen(metrics.group(1), timeout=10) as scraped:

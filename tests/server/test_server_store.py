@@ -107,9 +107,18 @@ def test_new_database_records_schema_version_and_half_life(db_url: str) -> None:
 
     asyncio.run(create())
     tables = dump_tables(db_url)
-    assert tables["schema_version"] == [(2,)]
+    assert tables["schema_version"] == [(3,)]
     assert tables["meta"] == [("half_life_days", "21.5")]
-    assert set(tables) == {"schema_version", "meta", "batches", "profiles", "scores", "credentials"}
+    assert set(tables) == {
+        "schema_version",
+        "meta",
+        "batches",
+        "profiles",
+        "scores",
+        "credentials",
+        "signal_counts",
+        "minors",
+    }
 
 
 def test_new_sqlite_database_uses_wal(db_path: Path) -> None:
@@ -195,7 +204,7 @@ def test_version_1_database_is_migrated_on_open(db_url: str, config: ServerConfi
 
     asyncio.run(scenario())
     tables = dump_tables(db_url)
-    assert tables["schema_version"] == [(2,)]
+    assert tables["schema_version"] == [(3,)]
     assert [row[1:] for row in tables["profiles"]] == [(3, TODAY_DAY)]
     assert len(tables["credentials"]) == 1
 
@@ -208,7 +217,7 @@ def test_newer_schema_is_refused(db_url: str) -> None:
     else:
         with closing(sqlite3.connect(sqlite_path(db_url))) as conn, conn:
             conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 2"):
+    with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 3"):
         asyncio.run(_open_and_close(db_url))
 
 
@@ -223,7 +232,7 @@ def test_processes_starting_together_migrate_once(postgres_url: str) -> None:
             await store.close()
 
     asyncio.run(scenario())
-    assert dump_tables(postgres_url)["schema_version"] == [(2,)]
+    assert dump_tables(postgres_url)["schema_version"] == [(3,)]
 
 
 def test_foreign_sqlite_database_is_refused(db_path: Path) -> None:
@@ -342,7 +351,8 @@ def test_purge_removes_what_was_not_reinforced(store_url: str, config: ServerCon
 
             result = await store.purge(TODAY_DAY - 20)
 
-            assert result == PurgeResult(entries=2, profiles=1, batches=2)
+            # Signal counts: (MUSIC, -100), (MOVIES, -100), (MOVIES, -50) are past; (MUSIC, -10) stays.
+            assert result == PurgeResult(entries=2, profiles=1, batches=2, signal_counts=3)
             profile = await store.get_profile(PROFILE)
             assert profile is not None
             assert list(profile.sums) == [MUSIC]  # reinforced 10 days ago; MOVIES last seen 100 days ago

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sotto/v1/signals.proto\x12\x08sotto.v1\"G\n\x06Signal\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\t\x12\x14\n\x0cweight_level\x18\x02 \x01(\r\x12\x12\n\nday_offset\x18\x03 \x01(\r\"\x92\x01\n\x0bSignalBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x0c\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x18\n\x10taxonomy_version\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_day\x18\x05 \x01(\r\x12!\n\x07signals\x18\x06 \x03(\x0b\x32\x10.sotto.v1.Signal\"N\n\x0eIngestResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x0c\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x17\n\x0f\x61pplied_signals\x18\x03 \x01(\r\"6\n\x11GetProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\"P\n\rCategoryScore\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05tier1\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\"\x84\x01\n\x07Profile\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x18\n\x10taxonomy_version\x18\x02 \x01(\t\x12\x11\n\tas_of_day\x18\x03 \x01(\r\x12\'\n\x06scores\x18\x04 \x03(\x0b\x32\x17.sotto.v1.CategoryScore\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x04\"*\n\x14\x44\x65leteProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteProfileResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"=\n\x13\x41udienceSizeRequest\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\t\x12\x11\n\tmin_score\x18\x02 \x01(\x01\"d\n\x14\x41udienceSizeResponse\x12\x11\n\ttoo_small\x18\x01 \x01(\x08\x12\x10\n\x08profiles\x18\x02 \x01(\x04\x12\x14\n\x0cmin_audience\x18\x03 \x01(\r\x12\x11\n\tas_of_day\x18\x04 \x01(\r2\xac\x02\n\x10SignalAggregator\x12\x39\n\x06Ingest\x12\x15.sotto.v1.SignalBatch\x1a\x18.sotto.v1.IngestResponse\x12<\n\nGetProfile\x12\x1b.sotto.v1.GetProfileRequest\x1a\x11.sotto.v1.Profile\x12P\n\rDeleteProfile\x12\x1e.sotto.v1.DeleteProfileRequest\x1a\x1f.sotto.v1.DeleteProfileResponse\x12M\n\x0c\x41udienceSize\x12\x1d.sotto.v1.AudienceSizeRequest\x1a\x1e.sotto.v1.AudienceSizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sotto/v1/signals.proto\x12\x08sotto.v1\"G\n\x06Signal\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\t\x12\x14\n\x0cweight_level\x18\x02 \x01(\r\x12\x12\n\nday_offset\x18\x03 \x01(\r\"\xad\x01\n\x0bSignalBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x0c\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x18\n\x10taxonomy_version\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_day\x18\x05 \x01(\r\x12!\n\x07signals\x18\x06 \x03(\x0b\x32\x10.sotto.v1.Signal\x12\x19\n\x11ldp_epsilon_milli\x18\x07 \x01(\r\"N\n\x0eIngestResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x0c\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x17\n\x0f\x61pplied_signals\x18\x03 \x01(\r\"6\n\x11GetProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\"P\n\rCategoryScore\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05tier1\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\"\x84\x01\n\x07Profile\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x18\n\x10taxonomy_version\x18\x02 \x01(\t\x12\x11\n\tas_of_day\x18\x03 \x01(\r\x12\'\n\x06scores\x18\x04 \x03(\x0b\x32\x17.sotto.v1.CategoryScore\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x04\"*\n\x14\x44\x65leteProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteProfileResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"=\n\x13\x41udienceSizeRequest\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\t\x12\x11\n\tmin_score\x18\x02 \x01(\x01\"\xd8\x01\n\x14\x41udienceSizeResponse\x12\x11\n\ttoo_small\x18\x01 \x01(\x08\x12\x10\n\x08profiles\x18\x02 \x01(\x04\x12\x14\n\x0cmin_audience\x18\x03 \x01(\r\x12\x11\n\tas_of_day\x18\x04 \x01(\r\x12\x19\n\x11\x65stimated_signals\x18\x05 \x01(\x01\x12\x14\n\x0c\x65stimate_low\x18\x06 \x01(\x01\x12\x15\n\restimate_high\x18\x07 \x01(\x01\x12\x12\n\nconfidence\x18\x08 \x01(\x01\x12\x16\n\x0enoised_signals\x18\t \x01(\x04\x32\xac\x02\n\x10SignalAggregator\x12\x39\n\x06Ingest\x12\x15.sotto.v1.SignalBatch\x1a\x18.sotto.v1.IngestResponse\x12<\n\nGetProfile\x12\x1b.sotto.v1.GetProfileRequest\x1a\x11.sotto.v1.Profile\x12P\n\rDeleteProfile\x12\x1e.sotto.v1.DeleteProfileRequest\x1a\x1f.sotto.v1.DeleteProfileResponse\x12M\n\x0c\x41udienceSize\x12\x1d.sotto.v1.AudienceSizeRequest\x1a\x1e.sotto.v1.AudienceSizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNAL']._serialized_start=36
   _globals['_SIGNAL']._serialized_end=107
   _globals['_SIGNALBATCH']._serialized_start=110
-  _globals['_SIGNALBATCH']._serialized_end=256
-  _globals['_INGESTRESPONSE']._serialized_start=258
-  _globals['_INGESTRESPONSE']._serialized_end=336
-  _globals['_GETPROFILEREQUEST']._serialized_start=338
-  _globals['_GETPROFILEREQUEST']._serialized_end=392
-  _globals['_CATEGORYSCORE']._serialized_start=394
-  _globals['_CATEGORYSCORE']._serialized_end=474
-  _globals['_PROFILE']._serialized_start=477
-  _globals['_PROFILE']._serialized_end=609
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=611
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=653
-  _globals['_DELETEPROFILERESPONSE']._serialized_start=655
-  _globals['_DELETEPROFILERESPONSE']._serialized_end=695
-  _globals['_AUDIENCESIZEREQUEST']._serialized_start=697
-  _globals['_AUDIENCESIZEREQUEST']._serialized_end=758
-  _globals['_AUDIENCESIZERESPONSE']._serialized_start=760
-  _globals['_AUDIENCESIZERESPONSE']._serialized_end=860
-  _globals['_SIGNALAGGREGATOR']._serialized_start=863
-  _globals['_SIGNALAGGREGATOR']._serialized_end=1163
+  _globals['_SIGNALBATCH']._serialized_end=283
+  _globals['_INGESTRESPONSE']._serialized_start=285
+  _globals['_INGESTRESPONSE']._serialized_end=363
+  _globals['_GETPROFILEREQUEST']._serialized_start=365
+  _globals['_GETPROFILEREQUEST']._serialized_end=419
+  _globals['_CATEGORYSCORE']._serialized_start=421
+  _globals['_CATEGORYSCORE']._serialized_end=501
+  _globals['_PROFILE']._serialized_start=504
+  _globals['_PROFILE']._serialized_end=636
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=638
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=680
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=682
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=722
+  _globals['_AUDIENCESIZEREQUEST']._serialized_start=724
+  _globals['_AUDIENCESIZEREQUEST']._serialized_end=785
+  _globals['_AUDIENCESIZERESPONSE']._serialized_start=788
+  _globals['_AUDIENCESIZERESPONSE']._serialized_end=1004
+  _globals['_SIGNALAGGREGATOR']._serialized_start=1007
+  _globals['_SIGNALAGGREGATOR']._serialized_end=1307
 # @@protoc_insertion_point(module_scope)

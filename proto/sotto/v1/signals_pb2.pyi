@@ -17,20 +17,22 @@ class Signal(_message.Message):
     def __init__(self, category_id: _Optional[str] = ..., weight_level: _Optional[int] = ..., day_offset: _Optional[int] = ...) -> None: ...
 
 class SignalBatch(_message.Message):
-    __slots__ = ("batch_id", "profile_id", "region", "taxonomy_version", "base_day", "signals")
+    __slots__ = ("batch_id", "profile_id", "region", "taxonomy_version", "base_day", "signals", "ldp_epsilon_milli")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     TAXONOMY_VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_DAY_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    LDP_EPSILON_MILLI_FIELD_NUMBER: _ClassVar[int]
     batch_id: bytes
     profile_id: str
     region: str
     taxonomy_version: str
     base_day: int
     signals: _containers.RepeatedCompositeFieldContainer[Signal]
-    def __init__(self, batch_id: _Optional[bytes] = ..., profile_id: _Optional[str] = ..., region: _Optional[str] = ..., taxonomy_version: _Optional[str] = ..., base_day: _Optional[int] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ...) -> None: ...
+    ldp_epsilon_milli: int
+    def __init__(self, batch_id: _Optional[bytes] = ..., profile_id: _Optional[str] = ..., region: _Optional[str] = ..., taxonomy_version: _Optional[str] = ..., base_day: _Optional[int] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ..., ldp_epsilon_milli: _Optional[int] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("batch_id", "duplicate", "applied_signals")
@@ -97,13 +99,23 @@ class AudienceSizeRequest(_message.Message):
     def __init__(self, category_id: _Optional[str] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class AudienceSizeResponse(_message.Message):
-    __slots__ = ("too_small", "profiles", "min_audience", "as_of_day")
+    __slots__ = ("too_small", "profiles", "min_audience", "as_of_day", "estimated_signals", "estimate_low", "estimate_high", "confidence", "noised_signals")
     TOO_SMALL_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     MIN_AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     AS_OF_DAY_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_LOW_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    NOISED_SIGNALS_FIELD_NUMBER: _ClassVar[int]
     too_small: bool
     profiles: int
     min_audience: int
     as_of_day: int
-    def __init__(self, too_small: _Optional[bool] = ..., profiles: _Optional[int] = ..., min_audience: _Optional[int] = ..., as_of_day: _Optional[int] = ...) -> None: ...
+    estimated_signals: float
+    estimate_low: float
+    estimate_high: float
+    confidence: float
+    noised_signals: int
+    def __init__(self, too_small: _Optional[bool] = ..., profiles: _Optional[int] = ..., min_audience: _Optional[int] = ..., as_of_day: _Optional[int] = ..., estimated_signals: _Optional[float] = ..., estimate_low: _Optional[float] = ..., estimate_high: _Optional[float] = ..., confidence: _Optional[float] = ..., noised_signals: _Optional[int] = ...) -> None: ...
