@@ -38,6 +38,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from edge.ldp import EPSILON_SCALE, MAX_EPSILON, epsilon_milli
 from edge.policy import MAX_DAY_OFFSET
 from edge.privacy import Interest
 from edge.signals import encode_batch
@@ -52,6 +53,9 @@ _SCHEMA = (
         category_id TEXT NOT NULL,
         weight_level INTEGER NOT NULL,
         day INTEGER NOT NULL,
+        -- The local-privacy epsilon the signal was noised with, in thousandths (0: not noised). A batch
+        -- holds signals of one epsilon and declares it, so the aggregator can de-bias its counts.
+        epsilon_milli INTEGER NOT NULL DEFAULT 0,
         created_at REAL NOT NULL
     )""",
     """CREATE TABLE batches (
@@ -253,11 +257,11 @@ class Outbox:
         self._migrate()
         unreadable = salvage.unreadable
         with self._tx() as conn:
-            for region, cid, level, day, created in salvage.signals:
+            for region, cid, level, day, milli, created in salvage.signals:
                 conn.execute(
-                    "INSERT INTO signals (region, category_id, weight_level, day, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (region, cid, level, day, created),
+                    "INSERT INTO signals (region, category_id, weight_level, day, epsilon_milli, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (region, cid, level, day, milli, created),
                 )
             for batch_id, payload, created in salvage.batches:
                 message = signals_pb2.SignalBatch.FromString(payload)
@@ -319,13 +323,23 @@ class Outbox:
     def add(self, region: str, interests: Iterable[Interest]) -> int:
         """Store signals durably (committed and synced when this returns); returns how many."""
         now = self._clock()
-        rows = [(region, i.category_id, i.weight_level, i.day, now) for i in interests]
+        rows = [
+            (
+                region,
+                i.category_id,
+                i.weight_level,
+                i.day,
+                0 if i.epsilon is None else epsilon_milli(i.epsilon),
+                now,
+            )
+            for i in interests
+        ]
         if not rows:
             return 0
         with self._tx() as conn:
             conn.executemany(
-                "INSERT INTO signals (region, category_id, weight_level, day, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO signals (region, category_id, weight_level, day, epsilon_milli, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
             self._bump(conn, "signals_added", len(rows))
@@ -346,8 +360,8 @@ class Outbox:
         with self._tx() as conn:
             while True:
                 rows = conn.execute(
-                    "SELECT seq, region, category_id, weight_level, day, created_at FROM signals "
-                    "ORDER BY seq LIMIT ?",
+                    "SELECT seq, region, category_id, weight_level, day, created_at, epsilon_milli "
+                    "FROM signals ORDER BY seq LIMIT ?",
                     (batch_size,),
                 ).fetchall()
                 if not rows:
@@ -355,13 +369,24 @@ class Outbox:
                 chunk = [rows[0]]
                 for row in rows[1:]:
                     days = [r[4] for r in chunk] + [row[4]]
-                    if row[1] != chunk[0][1] or max(days) - min(days) > MAX_DAY_OFFSET:
+                    if (
+                        row[1] != chunk[0][1]
+                        or row[6] != chunk[0][6]
+                        or max(days) - min(days) > MAX_DAY_OFFSET
+                    ):
                         break
                     chunk.append(row)
-                # A chunk cut short by a region or day boundary is complete: nothing can join it later.
+                # A chunk cut short by a region, epsilon or day boundary is complete: nothing can join it.
                 if len(chunk) < batch_size and len(chunk) == len(rows) and not partial:
                     break
-                message = encode_batch(profile_id, chunk[0][1], [Interest(r[2], r[3], r[4]) for r in chunk])
+                message = encode_batch(
+                    profile_id,
+                    chunk[0][1],
+                    [
+                        Interest(r[2], r[3], r[4], epsilon=r[6] / EPSILON_SCALE if r[6] else None)
+                        for r in chunk
+                    ],
+                )
                 conn.execute(
                     "INSERT INTO batches (batch_id, payload, signals, created_at) VALUES (?, ?, ?, ?)",
                     (message.batch_id, message.SerializeToString(), len(chunk), chunk[0][5]),
@@ -659,7 +684,7 @@ def _salvage(path: Path) -> _Salvage:
         # written: this is the moved-aside copy, only read).
         conn.execute("PRAGMA writable_schema = ON")
         tables: dict[str, str] = {
-            "signals": "region, category_id, weight_level, day, created_at",
+            "signals": "region, category_id, weight_level, day, epsilon_milli, created_at",
             "batches": "batch_id, payload, created_at",
             "ledger": "batch_id, position, category_id, weight_level, day, sent_at",
         }
@@ -684,9 +709,11 @@ def _salvage(path: Path) -> _Salvage:
 def _valid(table: str, row: tuple[object, ...]) -> bool:
     """A salvaged row is kept only when every field has the type and shape it must have."""
     if table == "signals":
-        region, cid, level, day, created = row
+        region, cid, level, day, milli, created = row
         return (
             isinstance(region, str)
+            and isinstance(milli, int)
+            and 0 <= milli <= MAX_EPSILON * EPSILON_SCALE
             and isinstance(cid, str)
             and isinstance(level, int)
             and 1 <= level <= 4

@@ -70,6 +70,20 @@ def test_signals_survive_reopen_and_batches_keep_id_and_bytes(tmp_path: Path) ->
     assert sent == [(i.category_id, i.weight_level) for i in _signals(5)]
 
 
+def test_batches_declare_the_epsilon_their_signals_were_noised_with(tmp_path: Path) -> None:
+    """Noised signals keep their mechanism through the disk: each batch holds one epsilon and declares
+    it (the aggregator de-biases by it), and un-noised signals never share a batch with noised ones."""
+    plain = _signals(2)
+    noised = [Interest(i.category_id, 4, i.day, epsilon=2.0) for i in _signals(3, start=2)]
+    other = [Interest(i.category_id, 4, i.day, epsilon=0.5) for i in _signals(1, start=5)]
+    with Outbox(tmp_path / "outbox.db") as box:
+        box.add("US", plain + noised + other)
+        assert box.seal(PROFILE, batch_size=10, partial=True) == 3
+        messages = [b.message() for b in box.batches()]
+    assert [(m.ldp_epsilon_milli, len(m.signals)) for m in messages] == [(0, 2), (2000, 3), (500, 1)]
+    assert [s.category_id for s in messages[1].signals] == [i.category_id for i in noised]
+
+
 def test_file_is_wal_with_full_sync_and_versioned_schema(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
