@@ -278,6 +278,8 @@ def validate_result(document: dict[str, Any]) -> None:
             at = f"{where}.runs[{n}]"
             if _require(run, "store", str, at) not in ("sqlite", "postgresql"):
                 raise ResultError(f"{at}.store: expected sqlite or postgresql")
+            if _require(run, "mode", str, at) not in ("open", "closed"):
+                raise ResultError(f"{at}.mode: expected open or closed")
             for key in ("devices", "batch_size", "calls", "signals_per_s", "server_cpu_s"):
                 _number(run, key, at)
             _stats(run, "latency_ms", at)
@@ -813,91 +815,107 @@ def _issue_tokens(url: str, profiles: list[str], path: Path) -> None:
     path.write_text(proc.stdout)
 
 
+#: Offered load (signals/s) at which each store's p99 target applies.
+TARGET_RATE = {"sqlite": 20_000, "postgresql": 10_000}
+
+
 def run_aggregator(
-    store: str, levels: Sequence[int], args: argparse.Namespace, duration: float, warmup: float
+    store: str, devices: int, rates: Sequence[float], args: argparse.Namespace, duration: float, warmup: float
 ) -> list[dict[str, Any]]:
-    """One server per store; one load run per device count in ``levels``, in a separate process each."""
+    """One server; a closed-loop run (capacity), then one open-loop run per offered rate (latency under a
+    given load), each load in a process of its own."""
     runs = []
-    with tempfile.TemporaryDirectory(prefix="sotto-bench-") as tmp, _store_url(store, args, Path(tmp)) as url:
-        most = max(levels)
-        with _server(url, most) as (proc, target):
-            tokens = Path(tmp) / "tokens.json"
-            _issue_tokens(url, [f"bench-device-{n:05d}" for n in range(most)], tokens)
-            for devices in levels:
-                cpu_before = _cpu_seconds(proc.pid)
-                load = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tools.bench_load",
-                        "--target",
-                        target,
-                        "--tokens",
-                        str(tokens),
-                        "--devices",
-                        str(devices),
-                        "--batch-size",
-                        str(args.batch_size),
-                        "--duration",
-                        str(duration),
-                        "--warmup",
-                        str(warmup),
-                    ],
-                    cwd=ROOT,
-                    env=_child_env(),
-                    capture_output=True,
-                    text=True,
-                    timeout=duration + warmup + 120,
-                )
-                cpu_s = _cpu_seconds(proc.pid) - cpu_before
-                if load.returncode != 0:
-                    raise SystemExit(f"bench: the load generator failed:\n{load.stderr}")
-                report = json.loads(load.stdout)
-                latencies = report["latencies_ms"]
-                signals = report["calls"] * report["batch_size"]
-                runs.append(
-                    {
-                        "store": store,
-                        "devices": devices,
-                        "batch_size": report["batch_size"],
-                        "duration_s": report["duration_s"],
-                        "calls": report["calls"],
-                        "signals": signals,
-                        "signals_per_s": signals / report["duration_s"],
-                        "batches_per_s": report["calls"] / report["duration_s"],
-                        "latency_ms": summary(latencies),
-                        "errors": report["errors"],
-                        # Includes the warm-up: CPU per signal is a ratio over the whole run.
-                        "server_cpu_s": cpu_s,
-                    }
-                )
+    with (
+        tempfile.TemporaryDirectory(prefix="sotto-bench-") as tmp,
+        _store_url(store, args, Path(tmp)) as url,
+        _server(url, devices) as (proc, target),
+    ):
+        tokens = Path(tmp) / "tokens.json"
+        _issue_tokens(url, [f"bench-device-{n:05d}" for n in range(devices)], tokens)
+        for rate in (0.0, *rates):
+            cpu_before = _cpu_seconds(proc.pid)
+            command = [
+                sys.executable,
+                "-m",
+                "tools.bench_load",
+                "--target",
+                target,
+                "--tokens",
+                str(tokens),
+                "--batch-size",
+                str(args.batch_size),
+                "--duration",
+                str(duration),
+                "--warmup",
+                str(warmup),
+                "--rate",
+                str(rate / args.batch_size),
+            ]
+            load = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=_child_env(),
+                capture_output=True,
+                text=True,
+                timeout=duration + warmup + 120,
+            )
+            cpu_s = _cpu_seconds(proc.pid) - cpu_before
+            if load.returncode != 0:
+                raise SystemExit(f"bench: the load generator failed:\n{load.stderr}")
+            report = json.loads(load.stdout)
+            latencies = report["latencies_ms"]
+            runs.append(
+                {
+                    "store": store,
+                    "mode": "open" if rate else "closed",
+                    "devices": devices,
+                    "offered_signals_per_s": rate or None,
+                    "batch_size": report["batch_size"],
+                    "duration_s": report["duration_s"],
+                    "calls": report["calls"],
+                    "signals": report["signals"],
+                    "signals_per_s": report["signals"] / report["duration_s"],
+                    "batches_per_s": report["calls"] / report["duration_s"],
+                    "latency_ms": summary(latencies),
+                    "errors": report["errors"],
+                    # Includes the warm-up: CPU per signal is a ratio over the whole run.
+                    "server_cpu_s": cpu_s,
+                }
+            )
     return runs
 
 
 def bench_aggregator(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     stores = args.store or ["sqlite"]
     if args.smoke:
-        levels, duration, warmup = [4], 1.0, 0.3
+        devices, rates, duration, warmup = 4, [200.0], 1.0, 0.3
     else:
-        levels = sorted({int(x) for x in args.levels.split(",")} | {args.devices})
-        duration, warmup = args.duration, args.warmup
+        devices, duration, warmup = args.devices, args.duration, args.warmup
+        rates = [float(x) for x in args.rates.split(",") if x]
     runs = []
     for store in stores:
-        runs += run_aggregator(store, levels, args, duration, warmup)
+        wanted = sorted(set(rates) | ({float(TARGET_RATE[store])} if not args.smoke else set()))
+        runs += run_aggregator(store, devices, wanted, args, duration, warmup)
     figures = {}
     for store in stores:
-        main = next(r for r in runs if r["store"] == store and r["devices"] == max(levels))
-        figures[f"{store}_signals_per_s"] = main["signals_per_s"]
-        figures[f"{store}_p99_ms"] = main["latency_ms"]["p99"]
+        closed = next(r for r in runs if r["store"] == store and r["mode"] == "closed")
+        figures[f"{store}_signals_per_s"] = closed["signals_per_s"]
+        at_target = [
+            r for r in runs if r["store"] == store and r["offered_signals_per_s"] == TARGET_RATE[store]
+        ]
+        if at_target:
+            figures[f"{store}_p99_ms"] = at_target[0]["latency_ms"]["p99"]
     config = {
         "stores": stores,
-        "device_levels": levels,
-        "headline_devices": max(levels),
+        "devices": devices,
+        "offered_signals_per_s": rates,
         "batch_size": args.batch_size,
         "duration_s": duration,
         "warmup_s": warmup,
-        "load": "closed loop: each device sends its next batch when the last is answered; "
-        "separate process, grpc.aio, 4 HTTP/2 connections, bearer token per device",
+        "load": "separate process, grpc.aio, 4 HTTP/2 connections, a bearer token per device, a new batch "
+        "id per call. closed: each device sends its next batch when the last is answered (capacity). "
+        "open: the devices together offer a fixed rate and latency counts from when a call was due "
+        "(the p99 targets apply at 20,000 signals/s on SQLite and 10,000 on PostgreSQL)",
     }
     return config, {"runs": runs, "figures": figures}
 
@@ -907,10 +925,12 @@ def table_aggregator(document: dict[str, Any]) -> list[tuple[str, list[str], lis
     for r in document["results"]["runs"]:
         lat = r["latency_ms"]
         cpu = r["server_cpu_s"]
+        offered = r["offered_signals_per_s"]
         rows.append(
             [
                 r["store"],
                 str(r["devices"]),
+                "closed loop" if offered is None else f"{offered:.0f}",
                 f"{r['signals_per_s']:.0f}",
                 f"{r['batches_per_s']:.0f}",
                 f"{lat['p50']:.1f}",
@@ -919,7 +939,17 @@ def table_aggregator(document: dict[str, Any]) -> list[tuple[str, list[str], lis
                 ", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0",
             ]
         )
-    header = ["store", "devices", "signals/s", "batches/s", "p50 ms", "p99 ms", "server CPU s", "errors"]
+    header = [
+        "store",
+        "devices",
+        "offered/s",
+        "signals/s",
+        "batches/s",
+        "p50 ms",
+        "p99 ms",
+        "server CPU s",
+        "errors",
+    ]
     size = document["config"]["batch_size"]
     return [(f"aggregator: Ingest of {size}-signal batches, loopback", header, rows)]
 
@@ -1081,7 +1111,10 @@ def plot(results: Path, out: Path) -> list[Path]:
         runs = json.loads(aggregator.read_text())["results"]["runs"]
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for store in sorted({r["store"] for r in runs}):
-            mine = sorted((r for r in runs if r["store"] == store), key=lambda r: r["devices"])
+            mine = sorted(
+                (r for r in runs if r["store"] == store and r["mode"] == "open"),
+                key=lambda r: r["signals_per_s"],
+            )
             thr = [r["signals_per_s"] for r in mine]
             line = ax.plot(thr, [r["latency_ms"]["p50"] for r in mine], "o-", label=f"{store} p50")[0]
             ax.plot(
@@ -1091,9 +1124,17 @@ def plot(results: Path, out: Path) -> list[Path]:
                 color=line.get_color(),
                 label=f"{store} p99",
             )
-            for r in mine:
-                ax.annotate(f"{r['devices']}", (r["signals_per_s"], r["latency_ms"]["p99"]), fontsize=7)
-        ax.set_xlabel("sustained signals/s (labels: concurrent devices)")
+            closed = [r for r in runs if r["store"] == store and r["mode"] == "closed"]
+            for r in closed:
+                ax.axvline(r["signals_per_s"], color=line.get_color(), linestyle=":", linewidth=1)
+                ax.annotate(
+                    f"{store} capacity",
+                    (r["signals_per_s"], 1),
+                    rotation=90,
+                    fontsize=7,
+                    color=line.get_color(),
+                )
+        ax.set_xlabel("sustained signals/s (open loop; dotted: closed-loop capacity)")
         ax.set_ylabel("Ingest latency (ms)")
         ax.set_yscale("log")
         ax.set_title("Aggregator latency against load")
@@ -1182,11 +1223,11 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=("sqlite", "postgresql"),
                 help="store to benchmark (repeatable; default sqlite; `all` runs both)",
             )
+            sub.add_argument("--devices", type=int, default=100, help="concurrent devices")
             sub.add_argument(
-                "--devices", type=int, default=100, help="concurrent devices of the headline run"
-            )
-            sub.add_argument(
-                "--levels", default="10,25,50,100,200", help="device counts for the latency curve"
+                "--rates",
+                default="2000,5000,10000,15000,20000,25000",
+                help="offered signals/s of the open-loop runs (the target rate is always added)",
             )
             sub.add_argument("--batch-size", type=int, default=20)
             sub.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")

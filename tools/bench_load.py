@@ -64,31 +64,48 @@ async def _device(
     channel: grpc.aio.Channel,
     token: str,
     template: tuple[bytes, bytes],
-    batch_size: int,
+    interval_s: float,
     start_at: float,
     stop_at: float,
     latencies: list[float],
     errors: Counter[str],
     timeout_s: float,
-) -> int:
+) -> None:
+    """One device until ``stop_at``. ``interval_s`` 0: closed loop (next batch when the last is answered);
+    otherwise open loop: a batch every ``interval_s`` seconds, whether or not earlier ones were answered."""
     # Identity serialisers: the request is already bytes, the response is not needed beyond its status.
     call = channel.unary_unary(INGEST, request_serializer=None, response_deserializer=None)
     metadata = (("authorization", f"Bearer {token}"),)
     before, after = template
-    calls = 0
-    while (now := time.perf_counter()) < stop_at:
-        request = before + os.urandom(BATCH_ID_BYTES) + after
-        started = time.perf_counter()
+
+    async def one(scheduled: float) -> None:
         try:
-            await call(request, metadata=metadata, timeout=timeout_s)
+            await call(before + os.urandom(BATCH_ID_BYTES) + after, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            if now >= start_at:
+            if scheduled >= start_at:
                 errors[exc.code().name] += 1
-            continue
-        if now >= start_at:  # calls started during the warm-up are not counted
-            latencies.append(time.perf_counter() - started)
-            calls += 1
-    return calls * batch_size
+            return
+        if scheduled >= start_at:  # calls started during the warm-up are not counted
+            # From when the call was due, not when it went out: a late send is latency too.
+            latencies.append(time.perf_counter() - scheduled)
+
+    if not interval_s:
+        while (now := time.perf_counter()) < stop_at:
+            await one(now)
+        return
+    pending: set[asyncio.Task[None]] = set()
+    # Devices start at random phases, so the load is spread over each interval instead of arriving at once.
+    due = time.perf_counter() + random.random() * interval_s
+    while due < stop_at:
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        due += interval_s
+    if pending:
+        await asyncio.gather(*pending)
 
 
 async def run_load(
@@ -100,8 +117,13 @@ async def run_load(
     channels: int,
     timeout_s: float,
     seed: int,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
-    """Drive every device in ``tokens`` for ``warmup_s + duration_s``; the report covers ``duration_s``."""
+    """Drive every device in ``tokens`` for ``warmup_s + duration_s``; the report covers ``duration_s``.
+
+    ``rate`` 0 runs closed loops (capacity); otherwise the devices together offer ``rate`` batches per
+    second (latency at a given load).
+    """
     policy = Policy.load()
     rng = random.Random(seed)
     # A few HTTP/2 connections, as many devices behind a few NAT gateways would look; one connection would
@@ -119,7 +141,7 @@ async def run_load(
                 pool[n % len(pool)],
                 token,
                 batch_template(profile, batch_size, rng, policy),
-                batch_size,
+                len(tokens) / rate if rate else 0.0,
                 start_at,
                 stop_at,
                 latencies,
@@ -128,7 +150,7 @@ async def run_load(
             )
             for n, (profile, token) in enumerate(sorted(tokens.items()))
         ]
-        signals = sum(await asyncio.gather(*tasks))
+        await asyncio.gather(*tasks)
         # The last calls end a little after stop_at; measure over the time they actually took.
         elapsed = max(time.perf_counter() - start_at, 1e-9)
     finally:
@@ -137,9 +159,10 @@ async def run_load(
     return {
         "devices": len(tokens),
         "batch_size": batch_size,
+        "offered_batches_per_s": rate or None,
         "duration_s": elapsed,
         "calls": len(latencies),
-        "signals": signals,
+        "signals": len(latencies) * batch_size,
         "errors": dict(errors),
         "latencies_ms": [round(x * 1000, 3) for x in latencies],
     }
@@ -158,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=4, help="HTTP/2 connections shared by the devices")
     parser.add_argument("--timeout", type=float, default=10.0, help="Ingest deadline in seconds")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="batches/s offered by all devices together (0 = closed loop)"
+    )
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.duration <= 0 or args.warmup < 0 or args.devices < 0:
+    if args.batch_size < 1 or args.duration <= 0 or args.warmup < 0 or args.devices < 0 or args.rate < 0:
         parser.error(
             "--batch-size must be at least 1, --duration positive, --warmup and --devices not negative"
         )
@@ -182,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             args.channels,
             args.timeout,
             args.seed,
+            args.rate,
         )
     )
     json.dump(report, sys.stdout)
