@@ -1134,7 +1134,7 @@ def plot(results: Path, out: Path) -> list[Path]:
                     fontsize=7,
                     color=line.get_color(),
                 )
-        ax.set_xlabel("sustained signals/s (open loop; dotted: closed-loop capacity)")
+        ax.set_xlabel("offered signals/s (open loop; dotted: closed-loop capacity)")
         ax.set_ylabel("Ingest latency (ms)")
         ax.set_yscale("log")
         ax.set_title("Aggregator latency against load")
