@@ -82,8 +82,10 @@ class Guard(grpc.aio.ServerInterceptor):
                 principal = await self._admit(method, roles, context)
                 _principal.set(principal)  # this call's own context: nothing leaks to other calls
                 try:
-                    # wait_for runs the servicer in a task that inherits the context set above.
-                    response = await asyncio.wait_for(behavior(request, context), self._timeout_s)
+                    # asyncio.timeout, not wait_for: the servicer runs in this call's own task, with the
+                    # principal set above, and no extra task is created per call.
+                    async with asyncio.timeout(self._timeout_s):
+                        response = await behavior(request, context)
                 except TimeoutError:
                     await self._refuse(
                         context,

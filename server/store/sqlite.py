@@ -1,7 +1,9 @@
 """SQLite store: one writer thread doing ``BEGIN IMMEDIATE`` transactions, reads on a separate connection.
 
-Each connection lives on its own single-thread executor, so the event loop never waits on SQLite and a
-connection is only ever used by the thread that opened it. WAL lets the reader see the last committed
+Each connection lives on a thread of its own (``_Worker``), so the event loop never waits on SQLite and a
+connection is only ever used by the thread that opened it. Under load the writer commits the batches
+that queued up while it was busy in one transaction (group commit; each batch still all-or-nothing
+through its own savepoint, and acknowledged only after the COMMIT). WAL lets the reader see the last committed
 state while the writer works; ``synchronous=NORMAL`` makes a commit a WAL append without fsync (a power
 loss may lose the last transactions, never corrupt the file; a lost batch is resent by the device and
 applied then, because its id was lost with it). A killed process loses nothing it committed.
@@ -10,13 +12,16 @@ applied then, because its id was lost with it). A killed process loses nothing i
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from server.store.base import (
     ApplyResult,
@@ -209,33 +214,71 @@ def _open_writer(path: str, half_life_days: float | None) -> tuple[sqlite3.Conne
         raise
 
 
-def _apply(conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> ApplyResult:
+def _apply_in_transaction(conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> ApplyResult:
+    """The statements of one batch, inside a transaction the caller opened and will commit."""
     entries = batch.entries(half_life_days)
-    rows = [(batch.profile_id, e.category_id, e.increment, e.last_day) for e in entries]
-    with _transaction(conn, "IMMEDIATE"):
-        inserted = conn.execute(
-            _INSERT_BATCH, (batch.batch_id, batch.profile_id, batch.digest, batch.base_day)
-        ).rowcount
-        if not inserted:
-            (digest,) = conn.execute(
-                "SELECT digest FROM batches WHERE batch_id = ?", (batch.batch_id,)
-            ).fetchone()
-            if digest != batch.digest:
-                raise BatchConflictError("batch id reused with different content")
-            return ApplyResult(duplicate=True, applied_signals=0)
-        conn.execute(_COUNT_BATCH, (batch.profile_id, max(e.last_day for e in entries)))
-        conn.executemany(_ADD_SCORE, rows)
-        conn.executemany(
-            _ADD_COUNT,
-            [(batch.profile_id, cid, batch.epsilon_milli, day, n) for cid, day, n in batch.counts()],
-        )
-        # Last, as in the PostgreSQL store, where a concurrent mark committed by now is seen here.
-        if (
-            batch.refuse_minor
-            and conn.execute("SELECT 1 FROM minors WHERE profile_id = ?", (batch.profile_id,)).fetchone()
-        ):
-            raise MinorProfileError("this profile is marked as a minor: no interest signals are accepted")
+    inserted = conn.execute(
+        _INSERT_BATCH, (batch.batch_id, batch.profile_id, batch.digest, batch.base_day)
+    ).rowcount
+    if not inserted:
+        (digest,) = conn.execute(
+            "SELECT digest FROM batches WHERE batch_id = ?", (batch.batch_id,)
+        ).fetchone()
+        if digest != batch.digest:
+            raise BatchConflictError("batch id reused with different content")
+        return ApplyResult(duplicate=True, applied_signals=0)
+    conn.execute(_COUNT_BATCH, (batch.profile_id, max(e.last_day for e in entries)))
+    conn.executemany(
+        _ADD_SCORE, [(batch.profile_id, e.category_id, e.increment, e.last_day) for e in entries]
+    )
+    conn.executemany(
+        _ADD_COUNT,
+        [(batch.profile_id, cid, batch.epsilon_milli, day, n) for cid, day, n in batch.counts()],
+    )
+    # Last, as in the PostgreSQL store, where a concurrent mark committed by now is seen here.
+    if batch.refuse_minor and conn.execute(
+        "SELECT 1 FROM minors WHERE profile_id = ?", (batch.profile_id,)
+    ).fetchone():
+        raise MinorProfileError("this profile is marked as a minor: no interest signals are accepted")
     return ApplyResult(duplicate=False, applied_signals=len(batch.signals))
+
+
+def _apply(conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> ApplyResult:
+    with _transaction(conn, "IMMEDIATE"):
+        return _apply_in_transaction(conn, batch, half_life_days)
+
+
+def _apply_group(
+    conn: sqlite3.Connection, batches: list[tuple[Batch, float]]
+) -> list[ApplyResult | Exception]:
+    """Apply several batches in one transaction; one outcome (result or exception) per batch, in order.
+
+    Each batch runs inside its own savepoint, so a batch that fails (a reused id, say) leaves no trace
+    while the others commit. An ``OperationalError`` (disk full, I/O) fails the whole group: SQLite may
+    have rolled the transaction back already, and nothing of it is committed.
+    """
+    if len(batches) == 1:
+        batch, half_life = batches[0]
+        try:
+            return [_apply(conn, batch, half_life)]
+        except Exception as exc:
+            return [exc]
+    outcomes: list[ApplyResult | Exception] = []
+    try:
+        with _transaction(conn, "IMMEDIATE"):
+            for batch, half_life in batches:
+                conn.execute("SAVEPOINT batch")
+                try:
+                    outcomes.append(_apply_in_transaction(conn, batch, half_life))
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO batch")
+                    outcomes.append(exc)
+                conn.execute("RELEASE batch")
+    except Exception as exc:  # nothing of the group was committed
+        return [exc] * len(batches)
+    return outcomes
 
 
 def _read(conn: sqlite3.Connection, profile_id: str) -> StoredProfile | None:
@@ -325,9 +368,119 @@ def _revoke(conn: sqlite3.Connection, profile_id: str | None) -> int:
         return conn.execute("DELETE FROM credentials WHERE profile_id = ?", (profile_id,)).rowcount
 
 
-async def _call(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+#: At most this many queued jobs are taken in one round of a worker (one transaction for the batches).
+MAX_ROUND = 256
+
+
+@dataclass(slots=True)
+class _Job:
+    """A call waiting for a worker: a function of no arguments, or a batch that may share a transaction."""
+
+    future: asyncio.Future[Any]
+    fn: Callable[[], Any] | None = None
+    apply: tuple[sqlite3.Connection, Batch, float] | None = None
+
+
+class _Worker:
+    """One thread that runs the jobs queued for one connection, in order.
+
+    The jobs queued while the thread was busy are taken together in one round: consecutive batches are
+    applied in one transaction (``_apply_group``), and the round's results go back to the event loop in
+    one wake-up. Per batch, the COMMIT and the thread hand-offs cost more than the statements themselves;
+    a round shares them (BENCHMARKS.md has the profile that showed it).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker's thread; SQLite errors a retry may cure become StoreUnavailableError."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(future, fn=fn))
+        return await _unavailable(future)
+
+    async def apply(self, conn: sqlite3.Connection, batch: Batch, half_life_days: float) -> ApplyResult:
+        """Apply ``batch``, in one transaction with the batches queued next to it."""
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(future, apply=(conn, batch, half_life_days)))
+        return await _unavailable(future)
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._jobs.get()
+            if first is None:
+                return
+            jobs = [first]
+            while len(jobs) < MAX_ROUND:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+            self._settle(self._run_round(jobs))
+
+    @staticmethod
+    def _run_round(jobs: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        done: list[tuple[_Job, Any, BaseException | None]] = []
+        n = 0
+        while n < len(jobs):
+            job = jobs[n]
+            if job.apply is not None:
+                group = [job]
+                while n + len(group) < len(jobs) and jobs[n + len(group)].apply is not None:
+                    group.append(jobs[n + len(group)])
+                conn = job.apply[0]
+                outcomes = _apply_group(conn, [(g.apply[1], g.apply[2]) for g in group if g.apply])
+                for g, outcome in zip(group, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        done.append((g, None, outcome))
+                    else:
+                        done.append((g, outcome, None))
+                n += len(group)
+                continue
+            assert job.fn is not None
+            try:
+                done.append((job, job.fn(), None))
+            except Exception as exc:
+                done.append((job, None, exc))
+            n += 1
+        return done
+
+    @staticmethod
+    def _settle(done: list[tuple[_Job, Any, BaseException | None]]) -> None:
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = {}
+        for item in done:
+            loops.setdefault(item[0].future.get_loop(), []).append(item)
+        for loop, items in loops.items():
+            # A closed loop (RuntimeError) means nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    for job, result, exc in items:
+        if job.future.cancelled():  # the caller gave up (deadline); the outcome stands, unacknowledged
+            continue
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+
+async def _unavailable(future: asyncio.Future[T]) -> T:
     try:
-        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+        return await future
     except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
         raise StoreUnavailableError(f"SQLite: {exc}") from exc
 
@@ -339,8 +492,8 @@ class SQLiteStore:
         self,
         path: str,
         half_life_days: float | None,
-        writer: tuple[ThreadPoolExecutor, sqlite3.Connection],
-        reader: tuple[ThreadPoolExecutor, sqlite3.Connection],
+        writer: tuple[_Worker, sqlite3.Connection],
+        reader: tuple[_Worker, sqlite3.Connection],
     ) -> None:
         self._path = path
         self._half_life_days = half_life_days
@@ -357,21 +510,21 @@ class SQLiteStore:
         memory = path == ":memory:"
         if not memory:
             _check_path(path)
-        write_executor = ThreadPoolExecutor(1, thread_name_prefix="sotto-sqlite-writer")
+        write_worker = _Worker("sotto-sqlite-writer")
         try:
-            conn, recorded = await _call(write_executor, partial(_open_writer, path, half_life_days))
+            conn, recorded = await write_worker.call(partial(_open_writer, path, half_life_days))
         except BaseException:
-            write_executor.shutdown()
+            write_worker.stop()
             raise
         # For :memory: the writer also serves reads: a second connection would open another, empty database.
-        writer = write_executor, conn
+        writer = write_worker, conn
         store = cls(path, recorded, writer, writer)
         if not memory:
-            read_executor = ThreadPoolExecutor(1, thread_name_prefix="sotto-sqlite-reader")
+            read_worker = _Worker("sotto-sqlite-reader")
             try:
-                store._reader = read_executor, await _call(read_executor, partial(_connect, path, False))
+                store._reader = read_worker, await read_worker.call(partial(_connect, path, False))
             except BaseException:
-                read_executor.shutdown()
+                read_worker.stop()
                 await store.close()
                 raise
         return store
@@ -386,17 +539,17 @@ class SQLiteStore:
         return self._half_life_days
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        executor, conn = self._writer
-        return await _call(executor, partial(fn, conn))
+        worker, conn = self._writer
+        return await worker.call(partial(fn, conn))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        executor, conn = self._reader
-        return await _call(executor, partial(fn, conn))
+        worker, conn = self._reader
+        return await worker.call(partial(fn, conn))
 
     async def apply_batch(self, batch: Batch) -> ApplyResult:
         """Record the batch id and add its entries in one transaction (see ``Store.apply_batch``)."""
-        half_life = self.half_life_days
-        return await self._write(lambda conn: _apply(conn, batch, half_life))
+        worker, conn = self._writer
+        return await worker.apply(conn, batch, self.half_life_days)
 
     async def get_profile(self, profile_id: str) -> StoredProfile | None:
         """The stored profile, or None when nothing is stored for it."""
@@ -444,6 +597,6 @@ class SQLiteStore:
             return
         self._closed = True
         pairs = [self._writer] if self._reader is self._writer else [self._reader, self._writer]
-        for executor, conn in pairs:
-            await _call(executor, conn.close)
-            executor.shutdown()
+        for worker, conn in pairs:
+            await worker.call(conn.close)
+            worker.stop()
