@@ -631,7 +631,7 @@ def _integrity_problem(path: Path) -> str | None:
 
 @dataclass(slots=True)
 class _Salvage:
-    signals: list[tuple[str, str, int, int, float]] = field(default_factory=list)
+    signals: list[tuple[str, str, int, int, int, float]] = field(default_factory=list)
     batches: list[tuple[bytes, bytes, float]] = field(default_factory=list)
     ledger: list[tuple[bytes, int, str, int, int, float]] = field(default_factory=list)
     state: list[tuple[str, str]] = field(default_factory=list)

@@ -236,9 +236,10 @@ def _apply_in_transaction(conn: sqlite3.Connection, batch: Batch, half_life_days
         [(batch.profile_id, cid, batch.epsilon_milli, day, n) for cid, day, n in batch.counts()],
     )
     # Last, as in the PostgreSQL store, where a concurrent mark committed by now is seen here.
-    if batch.refuse_minor and conn.execute(
-        "SELECT 1 FROM minors WHERE profile_id = ?", (batch.profile_id,)
-    ).fetchone():
+    if (
+        batch.refuse_minor
+        and conn.execute("SELECT 1 FROM minors WHERE profile_id = ?", (batch.profile_id,)).fetchone()
+    ):
         raise MinorProfileError("this profile is marked as a minor: no interest signals are accepted")
     return ApplyResult(duplicate=False, applied_signals=len(batch.signals))
 
