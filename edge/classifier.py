@@ -1,9 +1,12 @@
-"""Interest and sensitivity classifier: one small model file run by ONNX Runtime.
+"""Interest and sensitivity classifier: one small model, run by ONNX Runtime or by a TFLite runtime.
 
-The model (``models/classifier.onnx``, built by ``tools/build_models.py``) is a MiniLM sentence encoder
-quantized to int8 with two heads on its pooled embedding: interest categories (IAB 3.1, plus "none")
-and sensitivity classes (plus "none"). Its metadata, label order and thresholds live in
-``models/classifier.json`` so that firmware never hard-codes them.
+The model (built by ``tools/build_models.py``) is a MiniLM sentence encoder with two heads on its
+pooled embedding: interest categories (IAB 3.1, plus "none") and sensitivity classes (plus "none").
+It ships twice with the same int8 weights (one symmetric scale per output channel, float32 compute):
+``models/classifier.onnx`` for ONNX Runtime and ``models/classifier.tflite`` for ai-edge-litert (or
+tflite-runtime, its predecessor, where no ai-edge-litert wheel exists). A device needs only one of the
+two; ``backend`` picks it. Metadata, label order and thresholds live in ``models/classifier.json`` so
+that firmware never hard-codes them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ from edge.asr import ModelError, sha256_file
 from edge.policy import models_dir
 
 NONE_LABEL = "none"
-BACKENDS = ("onnx",)
+#: Classifier runtimes: the key of each in classifier.json's "files".
+BACKENDS = ("onnx", "tflite")
+#: TFLite tensor names, as tools/tflite_export.py writes them, in one signature per input length.
+TFLITE_INPUTS = ("input_ids", "attention_mask")
+TFLITE_OUTPUTS = ("interest_probs", "sensitive_probs")
+_TFLITE_SIGNATURE = re.compile(r"tokens_(\d+)")
+
+
+def tflite_signature(length: int) -> str:
+    """Name of the TFLite signature that takes ``[1, length]`` tokens."""
+    return f"tokens_{length}"
+
 
 _PUNCT = re.compile(r"[^\w\s']+")
 _SPACE = re.compile(r"\s+")
@@ -101,16 +115,148 @@ def outputs_from_probabilities(
     return out
 
 
+def onnx_session(path: str | Path, threads: int = 1) -> Any:
+    """An ONNX Runtime session for the classifier file, configured as the device runs it.
+
+    The file stores its weights as int8 behind DequantizeLinear nodes. ``session.disable_quant_qdq``
+    lets ONNX Runtime fold those into float32 weights once, at load, so every query runs float matmuls
+    on exactly the rounded weights (the function the TFLite file computes too), instead of ONNX Runtime
+    rewriting the graph into its own int8 kernels, whose results differ from the TFLite runtime's.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+        raise ModelError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
+
+
+def tflite_interpreter(path: str | Path, threads: int = 1) -> Any:
+    """A ready TFLite ``Interpreter`` for ``path``: ai-edge-litert, else tflite-runtime.
+
+    tflite-runtime (last release 2.14, 2023) is the fallback for devices without an ai-edge-litert
+    wheel. The shipped file keeps to ops it has (no bool GATHER_ND) and holds weight-only int8, which it
+    computes correctly. It would compute *dynamic-range* int8 files wrongly without any error (its
+    hybrid kernels misread per-channel scales), so such a file is refused on it.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise ModelError(
+                "the tflite classifier backend needs a TFLite runtime: pip install ai-edge-litert "
+                "(or tflite-runtime where no ai-edge-litert wheel exists)"
+            ) from None
+    try:
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    except (ValueError, RuntimeError, SystemError) as exc:
+        raise ModelError(f"{path}: the TFLite runtime cannot load this model ({exc})") from None
+    if Interpreter.__module__.startswith("tflite_runtime") and _hybrid_ops(interpreter):
+        raise ModelError(
+            f"{path}: dynamic-range int8 model; tflite-runtime 2.14 computes it wrongly. "
+            "Use ai-edge-litert, or a weight-only int8 file."
+        )
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _hybrid_ops(interpreter: Any) -> set[str]:
+    """Ops that read int8 tensors and write float ones, DEQUANTIZE aside (dynamic-range "hybrid" ops)."""
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    try:
+        ops = interpreter._get_ops_details()  # private, but present in tflite-runtime 2.5 .. 2.14
+    except AttributeError:
+        return {"int8"} if any(t["dtype"] == np.int8 for t in tensors.values()) else set()
+    found = set()
+    for op in ops:
+        if op["op_name"] == "DEQUANTIZE":
+            continue
+        ins = [tensors[i]["dtype"] for i in op["inputs"] if i >= 0]
+        outs = [tensors[i]["dtype"] for i in op["outputs"] if i >= 0]
+        if np.int8 in ins and np.float32 in outs:
+            found.add(str(op["op_name"]))
+    return found
+
+
+class _OnnxRunner:
+    """Runs one tokenized text through ONNX Runtime at its real length."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self._session = onnx_session(path, threads)
+
+    def __call__(self, ids: list[int], mask: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.array([mask], dtype=np.int64),
+        }
+        p_int, p_sen = self._session.run(None, feeds)
+        return p_int[0], p_sen[0]
+
+
+class TfliteRunner:
+    """Runs one tokenized text through a TFLite file: through the shortest of its fixed-length
+    signatures (``tokens_16``, ``tokens_32``, ...) that holds the text, zero-padded to that length.
+
+    Padding cannot change the result: padded positions are masked out of attention and of the pooling
+    (the export checks every signature against PyTorch at several real lengths). Not thread-safe; each
+    Pipeline owns its classifier.
+    """
+
+    def __init__(self, path: Path, threads: int) -> None:
+        interpreter = tflite_interpreter(path, threads)
+        runners: dict[int, tuple[Any, Any, Any]] = {}
+        for name, io in interpreter.get_signature_list().items():
+            match = _TFLITE_SIGNATURE.fullmatch(name)
+            if not match or sorted(io["inputs"]) != sorted(TFLITE_INPUTS):
+                continue
+            if sorted(io["outputs"]) != sorted(TFLITE_OUTPUTS):
+                continue
+            runner = interpreter.get_signature_runner(name)
+            details = runner.get_input_details()
+            length = int(match.group(1))
+            shape = [int(d) for d in details["input_ids"]["shape"]]
+            if shape != [1, length]:
+                raise ModelError(f"{path}: signature {name} takes {shape}, expected [1, {length}]")
+            runners[length] = (runner, details["input_ids"]["dtype"], details["attention_mask"]["dtype"])
+        if not runners:
+            raise ModelError(f"{path}: no classifier signature (tokens_<L>) in this TFLite file")
+        self._interpreter = interpreter  # the runners borrow it
+        self._runners = dict(sorted(runners.items()))
+        #: Input lengths of the file's signatures, shortest first.
+        self.lengths = list(self._runners)
+
+    def __call__(self, ids: list[int], mask: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        n = len(ids)
+        length = next((m for m in self.lengths if m >= n), None)
+        if length is None:
+            raise ValueError(f"{n} tokens; the TFLite model takes at most {self.lengths[-1]}")
+        runner, ids_dtype, mask_dtype = self._runners[length]
+        fixed_ids = np.zeros((1, length), dtype=ids_dtype)
+        fixed_mask = np.zeros((1, length), dtype=mask_dtype)
+        fixed_ids[0, :n] = ids
+        fixed_mask[0, :n] = mask
+        out = runner(input_ids=fixed_ids, attention_mask=fixed_mask)
+        return np.asarray(out[TFLITE_OUTPUTS[0]])[0], np.asarray(out[TFLITE_OUTPUTS[1]])[0]
+
+
 class TextClassifier:
-    """Runs the shipped classifier on normalized text."""
+    """Runs the shipped classifier on normalized text, with ONNX Runtime or a TFLite runtime."""
 
     def __init__(self, folder: str | Path | None = None, backend: str = "onnx", threads: int = 1) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown classifier backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.backend = backend
         root = models_dir(folder)
         self.meta = ClassifierMeta.load(root / "classifier.json")
         paths = {key: root / name for key, name in self.meta.files.items()}
-        for key in ("onnx", "tokenizer"):
+        for key in (backend, "tokenizer"):
             if key not in paths:
                 raise ModelError(f"{root / 'classifier.json'}: no '{key}' file listed")
             expected = self.meta.sha256.get(key)
@@ -122,36 +268,28 @@ class TextClassifier:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_file(str(paths["tokenizer"]))
-        # The tokenizer file may carry fixed-length padding (MiniLM's pads to 128): every query would then
-        # cost 128 positions, and padding shifts the int8 model's activation scales. Real length only.
+        # The tokenizer file may carry fixed-length padding (MiniLM's pads to 128): every ONNX query would
+        # then cost 128 positions. Real length only; the TFLite runner pads to its own fixed length.
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.meta.max_tokens)
-
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self._session = ort.InferenceSession(str(paths["onnx"]), opts, providers=["CPUExecutionProvider"])
+        self._run: _OnnxRunner | TfliteRunner = (
+            _OnnxRunner(paths["onnx"], threads)
+            if backend == "onnx"
+            else TfliteRunner(paths["tflite"], threads)
+        )
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Raw (interest, sensitivity) probability matrices for already normalized texts.
 
-        Each text runs alone: the int8 model quantizes activations with one scale per tensor, so padding
-        and neighbours in a batch would shift a text's scores. The device classifies one utterance at a
-        time, and the sensitivity threshold was calibrated the same way.
+        Each text runs alone, at batch size 1, as the device classifies one utterance at a time: the
+        sensitivity threshold was calibrated that way, and no neighbour can influence a text's scores.
         """
         interest, sensitive = [], []
         for text in texts:
             enc = self._tokenizer.encode(text)
-            feeds = {
-                "input_ids": np.array([enc.ids], dtype=np.int64),
-                "attention_mask": np.array([enc.attention_mask], dtype=np.int64),
-            }
-            p_int, p_sen = self._session.run(None, feeds)
-            interest.append(p_int[0])
-            sensitive.append(p_sen[0])
+            p_int, p_sen = self._run(enc.ids, enc.attention_mask)
+            interest.append(p_int)
+            sensitive.append(p_sen)
         return np.stack(interest), np.stack(sensitive)
 
     def classify_batch(self, texts: list[str]) -> list[ClassifierOutput]:

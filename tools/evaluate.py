@@ -3,8 +3,11 @@
     python tools/evaluate.py                 # print figures, confusion per class
     python tools/evaluate.py --write-card    # also write them into models/MODEL_CARD.md
     python tools/evaluate.py --baseline      # add a TF-IDF + logistic-regression baseline (needs [train])
+    python tools/evaluate.py --backend onnx  # one runtime only (default: onnx and tflite)
 
-The decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter).
+The decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter), once per
+classifier runtime. Also reported: how often the runtimes agree with each other and with the float
+model's outputs kept at build time (models/reference_outputs.npz).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.classifier import NONE_LABEL, ClassifierMeta, outputs_from_probabilities  # noqa: E402
+from edge.classifier import BACKENDS, NONE_LABEL, ClassifierMeta, outputs_from_probabilities  # noqa: E402
 from edge.pipeline import EdgeConfig, EdgeModels, Pipeline  # noqa: E402
 from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
 from edge.privacy import Dropped, PrivacyFilter  # noqa: E402
 from tools import modeldata  # noqa: E402
 
 DAY = dt.date(2026, 6, 1)
+BACKEND_TITLES = {"onnx": "ONNX Runtime", "tflite": "TFLite", "float": "float reference"}
 CARD_START, CARD_END = "<!-- evaluate.py:start -->", "<!-- evaluate.py:end -->"
 TARGETS = {
     "interest_tier1_accuracy": (">=", 0.85),
@@ -97,6 +101,28 @@ def metrics(
             if g[0] is None or tier1[g[0]] != tier1[e.interest]  # type: ignore[index]
         ).most_common(12),
     }
+
+
+def parity(models: dict[str, EdgeModels], reference: Path) -> dict[str, float]:
+    """Agreement on the held-out queries: each runtime with the float reference, and the runtimes with
+    each other: same top category, same sensitive/not decision, largest probability difference."""
+    import numpy as np
+
+    ref = np.load(reference)
+    texts = [str(t) for t in ref["texts"]]
+    probs = {"float": (ref["interest"], ref["sensitive"])}
+    for name, m in models.items():
+        probs[name] = m.classifier.probabilities(texts)
+    threshold = next(iter(models.values())).classifier.meta.sensitive_threshold
+    out: dict[str, float] = {"queries": float(len(texts))}
+    names = list(models)
+    pairs = [(n, "float") for n in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    for a, b in pairs:
+        (ia, sa), (ib, sb) = probs[a], probs[b]
+        out[f"{a}~{b}:top"] = float(np.mean(ia.argmax(1) == ib.argmax(1)))
+        out[f"{a}~{b}:sensitive"] = float(np.mean((1 - sa[:, 0] >= threshold) == (1 - sb[:, 0] >= threshold)))
+        out[f"{a}~{b}:max_abs_diff"] = float(max(np.abs(ia - ib).max(), np.abs(sa - sb).max()))
+    return out
 
 
 def latency_ms(models: EdgeModels, texts: list[str], repeats: int = 3) -> tuple[float, float]:
@@ -169,17 +195,25 @@ def check(name: str, value: float) -> str:
 
 
 def render(
-    m: dict[str, Any], lat: tuple[float, float], size_mb: float, base: dict[str, Any] | None, command: str
+    results: dict[str, dict[str, Any]],
+    base: dict[str, Any] | None,
+    agreement: dict[str, float] | None,
+    command: str,
 ) -> str:
+    """Markdown: one column per runtime, then the baseline and the target."""
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
-    c = m["counts"]
+    first = next(iter(results.values()))["metrics"]
+    c = first["counts"]
+    names = list(results)
     lines = [
         f"Held-out evaluation: {c['interest']} interest, {c['no_interest']} no-interest, "
         f"{c['sensitive']} sensitive "
         f"queries ({c['benign']} benign in all). Command: `{command}`.",
         "",
-        "| metric | shipped model | baseline (TF-IDF + LR) | target |",
-        "| --- | --- | --- | --- |",
+        "| metric | "
+        + " | ".join(BACKEND_TITLES.get(n, n) for n in names)
+        + " | baseline (TF-IDF + LR) | target |",
+        "| --- | " + " | ".join("---" for _ in names) + " | --- | --- |",
     ]
     rows = [
         ("interest queries: top signal's tier-1 correct", "interest_tier1_accuracy"),
@@ -191,29 +225,62 @@ def render(
         ("benign interest queries dropped as sensitive", "benign_interest_dropped_as_sensitive"),
         ("all benign queries dropped as sensitive", "benign_dropped_as_sensitive"),
     ]
+
+    def verdicts(key: str, values: list[float]) -> str:
+        if key not in TARGETS:
+            return ""
+        return "; ".join(sorted({check(key, v) for v in values}))
+
     for label, key in rows:
-        target = check(key, m[key]) if key in TARGETS else ""
-        lines.append(f"| {label} | {pct(m[key])} | {pct(base[key]) if base else 'not run'} | {target} |")
+        values = [results[n]["metrics"][key] for n in names]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(pct(v) for v in values)
+            + f" | {pct(base[key]) if base else 'not run'} | {verdicts(key, values)} |"
+        )
+    lat = [results[n]["latency_ms"] for n in names]
     lines.append(
-        f"| classify + filter one query, p50 / p95, 1 thread | {lat[0]:.2f} / {lat[1]:.2f} ms | | "
-        f"{check('classify_filter_p50_ms', lat[0])} |"
+        "| classify + filter one query, p50 / p95, 1 thread | "
+        + " | ".join(f"{p50:.2f} / {p95:.2f} ms" for p50, p95 in lat)
+        + f" | | {verdicts('classify_filter_p50_ms', [p50 for p50, _ in lat])} |"
     )
+    sizes = [results[n]["size_mb"] for n in names]
     lines.append(
-        f"| model files on disk (classifier + tokenizer) | {size_mb:.1f} MB | | "
-        f"{check('model_files_mb', size_mb)} |"
+        "| model files a device ships (this runtime's classifier + tokenizer) | "
+        + " | ".join(f"{v:.1f} MB" for v in sizes)
+        + f" | | {verdicts('model_files_mb', sizes)} |"
     )
+    if agreement:
+        lines += [
+            "",
+            f"Agreement on the {int(agreement['queries'])} held-out queries (same top category / same "
+            "sensitive decision / largest difference of any probability):",
+            "",
+            "| pair | top category | sensitive decision | max abs difference |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key in agreement:
+            if key.endswith(":top"):
+                pair = key[: -len(":top")]
+                a, b = pair.split("~")
+                title = f"{BACKEND_TITLES.get(a, a)} vs {BACKEND_TITLES.get(b, b)}"
+                lines.append(
+                    f"| {title} | {100 * agreement[key]:.2f}% "
+                    f"| {100 * agreement[pair + ':sensitive']:.2f}% | "
+                    f"{agreement[pair + ':max_abs_diff']:.2g} |"
+                )
     lines += [
         "",
-        "Leak rate per sensitivity class (held-out):",
+        f"Leak rate per sensitivity class (held-out, {BACKEND_TITLES.get(names[0], names[0])}):",
         "",
         "| class | leak | queries |",
         "| --- | --- | --- |",
     ]
     for cls in SENSITIVE_CLASSES:
-        rate, n = m["leak_by_class"].get(cls, (0.0, 0))
+        rate, n = first["leak_by_class"].get(cls, (0.0, 0))
         lines.append(f"| {cls} | {pct(rate)} | {n} |")
     lines += ["", "Most frequent tier-1 errors on interest queries (expected -> got):", ""]
-    lines += [f"- {a} -> {b}: {n}" for (a, b), n in m["tier1_confusion"]]
+    lines += [f"- {a} -> {b}: {n}" for (a, b), n in first["tier1_confusion"]]
     return "\n".join(lines)
 
 
@@ -225,25 +292,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-card", action="store_true", help="update models/MODEL_CARD.md")
     parser.add_argument("--baseline", action="store_true", help="also train and score the TF-IDF baseline")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=BACKENDS,
+        default=list(BACKENDS),
+        help="classifier runtimes to evaluate (default: all)",
+    )
     args = parser.parse_args(argv)
 
-    models = EdgeModels(EdgeConfig(models_dir=str(args.models), classifier_threads=1))
     examples = modeldata.load_all()
     evals = [e for e in examples if e.split == "eval"]
-    got = decisions(evals, models)
-    m = metrics(evals, got, models.policy)
-    lat = latency_ms(models, [e.text for e in evals[:: max(1, len(evals) // 300)]])
     meta = json.loads((args.models / "classifier.json").read_text())
-    size_mb = sum((args.models / f).stat().st_size for f in meta["files"].values()) / 1e6
-    base = baseline(examples, evals, models.policy) if args.baseline else None
+    loaded: dict[str, EdgeModels] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for backend in dict.fromkeys(args.backend):
+        models = EdgeModels(
+            EdgeConfig(models_dir=str(args.models), classifier_backend=backend, classifier_threads=1)
+        )
+        loaded[backend] = models
+        m = metrics(evals, decisions(evals, models), models.policy)
+        results[backend] = {
+            "metrics": m,
+            "latency_ms": latency_ms(models, [e.text for e in evals[:: max(1, len(evals) // 300)]]),
+            "size_mb": sum((args.models / meta["files"][k]).stat().st_size for k in (backend, "tokenizer"))
+            / 1e6,
+        }
+    reference = args.models / "reference_outputs.npz"
+    agreement = parity(loaded, reference) if reference.is_file() else None
+    policy = next(iter(loaded.values())).policy
+    base = baseline(examples, evals, policy) if args.baseline else None
     command = " ".join(["python tools/evaluate.py", *(argv if argv is not None else sys.argv[1:])])
-    report = render(m, lat, size_mb, base, command)
+    report = render(results, base, agreement, command)
     print(report)
     if args.json:
         args.json.write_text(
-            json.dumps(
-                {"model": m, "baseline": base, "latency_ms": lat, "size_mb": size_mb}, indent=2, default=str
-            )
+            json.dumps({"backends": results, "agreement": agreement, "baseline": base}, indent=2, default=str)
         )
     if args.write_card:
         card = args.models / "MODEL_CARD.md"

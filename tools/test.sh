@@ -7,12 +7,21 @@
 # starts; they fail (never skip) when there is none.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/tools/bootstrap.sh" server,postgres,tools,dev
+bash "$ROOT/tools/bootstrap.sh" server,postgres,tools,dev,tflite
 if [ -z "${SOTTO_TEST_POSTGRES_URL:-}" ]; then
   SOTTO_TEST_POSTGRES_URL="$(bash "$ROOT/tools/postgres.sh")"
   export SOTTO_TEST_POSTGRES_URL
 fi
 PYBIN="${SOTTO_VENV:-$ROOT/.venv}/bin"
+# The TFLite fallback runtime, tflite-runtime 2.14, needs numpy < 2: it gets a small environment of its
+# own (numpy, tokenizers, tflite-runtime; no project install) that tests/edge/test_edge_classifier_parity.py
+# runs the edge classifier in.
+if [ -z "${SOTTO_TFLITE_RUNTIME_PYTHON:-}" ]; then
+  TFLRT="${SOTTO_TFLITE_RUNTIME_VENV:-$ROOT/.venv-tflite-runtime}"
+  [ -x "$TFLRT/bin/python" ] || "$(readlink -f "$PYBIN/python")" -m venv "$TFLRT"
+  "$TFLRT/bin/python" -m pip install --quiet "tflite-runtime==2.14.0" "numpy>=1.26,<2" "tokenizers>=0.20"
+  export SOTTO_TFLITE_RUNTIME_PYTHON="$TFLRT/bin/python"
+fi
 cd "$ROOT"
 "$PYBIN/python" tools/gen_proto.py --check
 "$PYBIN/ruff" check .
