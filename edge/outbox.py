@@ -165,6 +165,17 @@ class Recovery:
     unreadable_rows: int
 
 
+#: Every way a signal leaves the outbox (lifetime counters). With what is still queued they add up to
+#: ``signals_added``: nothing is lost without being counted.
+SIGNAL_EXITS = (
+    "signals_acknowledged",
+    "signals_set_aside",
+    "signals_dropped_overflow",
+    "signals_dropped_age",
+    "signals_purged",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxStats:
     """Lifetime counters of the outbox (they survive restarts) and what waits now."""
@@ -178,6 +189,11 @@ class OutboxStats:
 
     def get(self, name: str) -> int:
         return self.counters.get(name, 0)
+
+    @property
+    def signals_gone(self) -> int:
+        """Signals that left the outbox, by any of ``SIGNAL_EXITS``."""
+        return sum(self.get(name) for name in SIGNAL_EXITS)
 
 
 class Outbox:

@@ -25,6 +25,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from edge.audio import SAMPLE_RATE
 from edge.classifier import ClassifierOutput
+from edge.outbox import Outbox
 from edge.policy import models_dir
 from server import ServerConfig, create_server, open_store
 from sotto.v1 import signals_pb2, signals_pb2_grpc
@@ -258,3 +259,9 @@ class AggregatorThread:
         with grpc.insecure_channel(self.target) as channel:
             stub = signals_pb2_grpc.SignalAggregatorStub(channel)
             return stub.GetProfile(signals_pb2.GetProfileRequest(profile_id=profile_id), timeout=10)
+
+
+def assert_outbox_balanced(box: Outbox) -> None:
+    """Every signal ever added is accounted for: acknowledged, set aside, dropped, purged or queued."""
+    s = box.stats()
+    assert s.get("signals_added") == s.signals_gone + s.queued_signals

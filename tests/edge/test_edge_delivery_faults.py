@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from edge_testkit import PROFILE, REPO, TODAY, AggregatorThread, free_port
+from edge_testkit import PROFILE, REPO, TODAY, AggregatorThread, assert_outbox_balanced, free_port
 from fault_proxy import ResponseDroppingProxy
 
 from edge.client import DeliveryClient
@@ -65,21 +65,6 @@ def _assert_server_holds_exactly(
     profile = server.profile(profile_id)
     assert profile.batches == len({e.batch_id for e in ledger})
     assert {s.category_id: s.score for s in profile.scores} == pytest.approx(_expected_scores(ledger))
-
-
-def _assert_accounted(stats_box: Outbox) -> None:
-    s = stats_box.stats()
-    gone = sum(
-        s.get(k)
-        for k in (
-            "signals_acknowledged",
-            "signals_set_aside",
-            "signals_dropped_overflow",
-            "signals_dropped_age",
-            "signals_purged",
-        )
-    )
-    assert s.get("signals_added") == gone + s.queued_signals
 
 
 # --- SIGKILL, 20 times -------------------------------------------------------------------------------
@@ -136,7 +121,7 @@ def test_device_killed_20_times_every_accepted_signal_counted_once(policy: Polic
                 assert stats.get("signals_added") == stats.get("signals_acknowledged") > 0
                 ledger = box.ledger()
                 assert len(ledger) == stats.get("signals_acknowledged")
-                _assert_accounted(box)
+                assert_outbox_balanced(box)
             # ... and the aggregator applied each of them exactly once.
             _assert_server_holds_exactly(server, device, ledger)
     assert summary["outbox"]["signals_added"] == summary["outbox"]["signals_acknowledged"]
@@ -170,7 +155,7 @@ def test_lost_replies_are_resent_and_applied_once(
                 client.flush()  # one call per batch as it fills; a lost reply leaves it queued
             _drain(client)
             ledger = client.outbox.ledger()
-            _assert_accounted(client.outbox)
+            assert_outbox_balanced(client.outbox)
             assert proxy.dropped >= 5, (proxy.dropped, proxy.forwarded)
             # Each lost reply was for a batch the server had applied: the resend came back "duplicate".
             assert client.stats.duplicates >= 1
@@ -216,7 +201,7 @@ def test_server_down_then_back_outbox_drains_in_order(
             assert len(ledger) == accepted
             assert client.stats.duplicates == 0
             _assert_server_holds_exactly(server, PROFILE, ledger)
-            _assert_accounted(client.outbox)
+            assert_outbox_balanced(client.outbox)
     finally:
         client.close()
 
@@ -246,7 +231,7 @@ def test_overflow_drops_the_oldest_reports_them_and_delivers_the_newest(
         assert kept == sealed[-5:]  # the newest survive
         assert stats.get("batches_dropped_overflow") == len(sealed) - 5 > 0  # the oldest are reported
         assert stats.get("signals_dropped_overflow") > 0
-        _assert_accounted(outbox)
+        assert_outbox_balanced(outbox)
         with AggregatorThread(db_url, server_config, port=port) as server:
             _drain(client)
             ledger = outbox.ledger()
@@ -296,7 +281,7 @@ def test_damaged_outbox_is_detected_at_start_recovered_and_the_device_keeps_work
             assert recovered <= {e.batch_id for e in ledger}
             assert len({e.batch_id for e in ledger}) == len(recovered) + accepted_after
             _assert_server_holds_exactly(server, PROFILE, ledger)
-            _assert_accounted(client.outbox)
+            assert_outbox_balanced(client.outbox)
     finally:
         client.close()
 

@@ -7,7 +7,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from edge_testkit import CATS, DOGS, GARDENING, MOVIES, MUSIC, PROFILE, TODAY
+from edge_testkit import CATS, DOGS, GARDENING, MOVIES, MUSIC, PROFILE, TODAY, assert_outbox_balanced
 
 from edge.outbox import SCHEMA_VERSION, Outbox, OutboxError, OutboxLimits
 from edge.policy import day_number
@@ -29,22 +29,6 @@ class FakeClock:
 
 def _signals(n: int, start: int = 0) -> list[Interest]:
     return [Interest(CATEGORIES[(start + i) % len(CATEGORIES)], 1 + (start + i) % 4, DAY) for i in range(n)]
-
-
-def _balanced(box: Outbox) -> None:
-    """Every signal ever added is accounted for: acknowledged, set aside, dropped, purged or queued."""
-    s = box.stats()
-    gone = sum(
-        s.get(name)
-        for name in (
-            "signals_acknowledged",
-            "signals_set_aside",
-            "signals_dropped_overflow",
-            "signals_dropped_age",
-            "signals_purged",
-        )
-    )
-    assert s.get("signals_added") == gone + s.queued_signals
 
 
 def test_signals_survive_reopen_and_batches_keep_id_and_bytes(tmp_path: Path) -> None:
@@ -127,7 +111,7 @@ def test_acknowledge_moves_signals_to_the_ledger_once() -> None:
         assert box.acknowledge(batch.batch_id) is False  # already gone: nothing counted twice
         ledger = box.ledger()
         stats = box.stats()
-        _balanced(box)
+        assert_outbox_balanced(box)
     assert [(e.category_id, e.weight_level, e.day, e.batch_id) for e in ledger] == [
         (i.category_id, i.weight_level, i.day, batch.batch_id) for i in _signals(3)
     ]
@@ -144,7 +128,7 @@ def test_set_aside_is_counted_never_resent_and_bounded() -> None:
             assert box.set_aside(batch.batch_id, "INVALID_ARGUMENT")
         stats = box.stats()
         remaining = box.batches()
-        _balanced(box)
+        assert_outbox_balanced(box)
     assert len(remaining) == 1
     assert stats.get("batches_set_aside") == 3 and stats.get("set_aside_INVALID_ARGUMENT") == 3
     assert stats.set_aside_batches == 2  # only the newest kept for inspection
@@ -158,7 +142,7 @@ def test_overflow_drops_the_oldest_batches_counts_them_and_keeps_the_newest(tmp_
             box.seal(PROFILE, batch_size=2)
         kept = [b.message() for b in box.batches()]
         stats = box.stats()
-        _balanced(box)
+        assert_outbox_balanced(box)
     assert stats.get("batches_dropped_overflow") == 3 and stats.get("signals_dropped_overflow") == 6
     expected = [[(i.category_id, i.weight_level) for i in _signals(2, start=2 * k)] for k in range(3, 8)]
     assert [[(s.category_id, s.weight_level) for s in m.signals] for m in kept] == expected
@@ -170,7 +154,7 @@ def test_signal_bound_counts_loose_signals_too() -> None:
         box.seal(PROFILE, batch_size=2)
         box.add("US", _signals(3, start=4))
         stats = box.stats()
-        _balanced(box)
+        assert_outbox_balanced(box)
     assert stats.queued_signals == 5
     assert stats.get("batches_dropped_overflow") == 1 and stats.get("signals_dropped_overflow") == 2
 
@@ -186,7 +170,7 @@ def test_age_bound_drops_old_batches_and_signals() -> None:
         clock.now += 2 * 86400  # the first three are now 31 days old, the last 2 days
         box.enforce_limits()
         stats = box.stats()
-        _balanced(box)
+        assert_outbox_balanced(box)
     assert stats.get("batches_dropped_age") == 1 and stats.get("signals_dropped_age") == 3
     assert stats.queued_signals == 1
 
@@ -202,7 +186,7 @@ def test_purge_erases_queue_but_keeps_ledger_and_clear_ledger_erases_it(tmp_path
         assert box.purge() == 3
         assert box.stats().queued_signals == 0 and box.batches() == []
         assert len(box.ledger()) == 2
-        _balanced(box)
+        assert_outbox_balanced(box)
         assert box.clear_ledger() == 2
         assert box.ledger() == []
 
