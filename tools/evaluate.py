@@ -22,6 +22,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -103,11 +105,19 @@ def metrics(
     }
 
 
+def agreement(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], threshold: float
+) -> tuple[float, float]:
+    """Share of rows on which two (interest, sensitive) probability pairs give the same top category,
+    and the same sensitive/not decision at ``threshold``."""
+    top = float(np.mean(a[0].argmax(1) == b[0].argmax(1)))
+    sensitive = float(np.mean((1 - a[1][:, 0] >= threshold) == (1 - b[1][:, 0] >= threshold)))
+    return top, sensitive
+
+
 def parity(models: dict[str, EdgeModels], reference: Path) -> dict[str, float]:
     """Agreement on the held-out queries: each runtime with the float reference, and the runtimes with
     each other: same top category, same sensitive/not decision, largest probability difference."""
-    import numpy as np
-
     ref = np.load(reference)
     texts = [str(t) for t in ref["texts"]]
     probs = {"float": (ref["interest"], ref["sensitive"])}
@@ -119,8 +129,7 @@ def parity(models: dict[str, EdgeModels], reference: Path) -> dict[str, float]:
     pairs = [(n, "float") for n in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     for a, b in pairs:
         (ia, sa), (ib, sb) = probs[a], probs[b]
-        out[f"{a}~{b}:top"] = float(np.mean(ia.argmax(1) == ib.argmax(1)))
-        out[f"{a}~{b}:sensitive"] = float(np.mean((1 - sa[:, 0] >= threshold) == (1 - sb[:, 0] >= threshold)))
+        out[f"{a}~{b}:top"], out[f"{a}~{b}:sensitive"] = agreement(probs[a], probs[b], threshold)
         out[f"{a}~{b}:max_abs_diff"] = float(max(np.abs(ia - ib).max(), np.abs(sa - sb).max()))
     return out
 
@@ -146,7 +155,6 @@ def baseline(
 ) -> dict[str, Any]:
     """TF-IDF word+char n-grams with logistic regression: same labels, the device filter's rule, and a
     threshold flagging 99.5% of sensitive training queries out of fold."""
-    import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict

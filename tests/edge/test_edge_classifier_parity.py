@@ -21,6 +21,7 @@ from edge.classifier import BACKENDS, TextClassifier, normalize_text
 from edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from edge.policy import models_dir
 from tools import modeldata
+from tools.evaluate import agreement
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,14 +54,6 @@ def threshold() -> float:
     return TextClassifier(backend="onnx").meta.sensitive_threshold
 
 
-def _agreement(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], threshold: float
-) -> tuple[float, float]:
-    top = float(np.mean(a[0].argmax(1) == b[0].argmax(1)))
-    sensitive = float(np.mean((1 - a[1][:, 0] >= threshold) == (1 - b[1][:, 0] >= threshold)))
-    return top, sensitive
-
-
 def test_reference_covers_the_current_held_out_queries(reference: dict[str, np.ndarray]) -> None:
     held_out = {normalize_text(e.text) or "." for e in modeldata.load_all() if e.split == "eval"}
     assert set(map(str, reference["texts"])) == held_out
@@ -70,7 +63,7 @@ def test_reference_covers_the_current_held_out_queries(reference: dict[str, np.n
 def test_onnx_and_tflite_agree_on_the_evaluation_queries(
     outputs: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float
 ) -> None:
-    top, sensitive = _agreement(outputs["onnx"], outputs["tflite"], threshold)
+    top, sensitive = agreement(outputs["onnx"], outputs["tflite"], threshold)
     assert top >= RUNTIME_AGREEMENT, f"same top category on {top:.2%} of queries"
     assert sensitive >= RUNTIME_AGREEMENT, f"same sensitive decision on {sensitive:.2%} of queries"
 
@@ -83,7 +76,7 @@ def test_each_runtime_stays_within_tolerance_of_the_float_model(
     threshold: float,
 ) -> None:
     got = outputs[backend]
-    top, sensitive = _agreement(got, (reference["interest"], reference["sensitive"]), threshold)
+    top, sensitive = agreement(got, (reference["interest"], reference["sensitive"]), threshold)
     assert top >= FLOAT_TOP_AGREEMENT, f"{backend}: same top category as float on {top:.2%}"
     assert sensitive >= FLOAT_SENSITIVE_AGREEMENT, f"{backend}: same sensitive decision on {sensitive:.2%}"
     diff = max(
@@ -183,6 +176,6 @@ def test_tflite_runtime_fallback_computes_what_ai_edge_litert_computes(
     assert done.returncode == 0, done.stderr[-2000:]
     with np.load(tmp_path / "out.npz") as got:
         fallback = (got["interest"], got["sensitive"])
-    top, sensitive = _agreement(fallback, outputs["tflite"], threshold)
+    top, sensitive = agreement(fallback, outputs["tflite"], threshold)
     assert top >= RUNTIME_AGREEMENT and sensitive >= RUNTIME_AGREEMENT, (top, sensitive)
     assert float(np.abs(fallback[0] - outputs["tflite"][0]).max()) < 1e-3
