@@ -39,7 +39,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
@@ -716,21 +715,6 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def _postgres_schema(base_url: str) -> Iterator[str]:
-    """A fresh schema on ``base_url``: yields a URL that uses it; dropped afterwards."""
-    import psycopg
-
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{base_url}{'&' if '?' in base_url else '?'}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@contextmanager
 def _store_url(store: str, args: argparse.Namespace, folder: Path) -> Iterator[str]:
     if store == "sqlite":
         yield f"sqlite:///{folder / 'bench.db'}"
@@ -745,7 +729,9 @@ def _store_url(store: str, args: argparse.Namespace, folder: Path) -> Iterator[s
             "bench: --store postgresql needs --postgres-url (or $SOTTO_BENCH_POSTGRES_URL, "
             "$SOTTO_TEST_POSTGRES_URL); bash tools/postgres.sh prints one for the local server"
         )
-    with _postgres_schema(base) as url:
+    from server.store.postgres import scratch_schema
+
+    with scratch_schema(base, prefix="bench") as url:
         yield url
 
 

@@ -19,9 +19,12 @@ together migrate once.
 from __future__ import annotations
 
 import time
+import uuid
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
+from urllib.parse import quote
 
 import psycopg
 from psycopg import AsyncConnection
@@ -469,3 +472,22 @@ class PostgresStore:
     async def close(self) -> None:
         """Close the pool (idempotent)."""
         await self._pool.close()
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` with libpq's ``options`` setting the schema, so every connection lands in ``schema``."""
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
+
+
+@contextmanager
+def scratch_schema(base_url: str, prefix: str = "scratch") -> Iterator[str]:
+    """A new, empty schema on ``base_url`` (tests, benchmarks): yields a URL that uses it, and drops the
+    schema with everything in it afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(base_url, schema)
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -11,12 +11,10 @@ import select
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import grpc
 import psycopg
@@ -30,6 +28,7 @@ from server.auth import admin_credential, device_credential, new_token
 from server.decay import day_number
 from server.service import AggregatorServer
 from server.store import sqlite_path
+from server.store.postgres import scratch_schema
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,22 +87,11 @@ def postgres_base_url() -> str:
     return url
 
 
-def with_search_path(url: str, schema: str) -> str:
-    """``url`` with libpq's ``options`` setting the schema, so every connection lands in ``schema``."""
-    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
-
-
 @contextmanager
 def postgres_schema(base_url: str) -> Iterator[str]:
     """A new, empty schema; yields a URL that uses it, and drops the schema afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(base_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield with_search_path(base_url, schema)
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with scratch_schema(base_url, prefix="t") as url:
+        yield url
 
 
 # --- plain-SQL views of a store, independent of the store code -----------------------------------------
