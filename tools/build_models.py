@@ -103,7 +103,7 @@ def split_training(train: list[modeldata.Example]) -> tuple[list[modeldata.Examp
     """Hold back the calibration split, then balance what the model sees in one epoch.
 
     The public intent data sets are large and narrow (a few categories, thousands of queries each), the
-    hand-written queries are broad and few (45 per category): public groups are capped, hand-written
+    hand-written queries are broad and few (about 95 per category): public groups are capped, hand-written
     ones repeated, so every category is learnt, not just the ones CLINC150 happens to cover.
     """
     fit: list[modeldata.Example] = []
