@@ -1054,6 +1054,17 @@ def table_side_by_side(document: dict[str, Any]) -> list[tuple[str, list[str], l
 # --- plots ----------------------------------------------------------------------------------------------
 
 
+def _save(fig, ax, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Legend, layout, PNG, and the figure closed: the same finish for every plot."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(results: Path, out: Path) -> list[Path]:
     """PNG plots from the JSON results in ``results``: latency vs utterance length, and aggregator
     latency vs load. Returns the files written (a plot whose results are missing is skipped)."""
@@ -1086,12 +1097,7 @@ def plot(results: Path, out: Path) -> list[Path]:
         ax.set_xlabel("utterance length (s)")
         ax.set_ylabel("end of audio -> signals ready (ms)")
         ax.set_title("Edge latency against utterance length")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "edge_latency_vs_length.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out / "edge_latency_vs_length.png"))
     aggregator = results / "aggregator.json"
     if aggregator.is_file():
         runs = json.loads(aggregator.read_text())["results"]["runs"]
@@ -1124,12 +1130,7 @@ def plot(results: Path, out: Path) -> list[Path]:
         ax.set_ylabel("Ingest latency (ms)")
         ax.set_yscale("log")
         ax.set_title("Aggregator latency against load")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "aggregator_latency_vs_load.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out / "aggregator_latency_vs_load.png"))
     return written
 
 
