@@ -7,7 +7,7 @@ both the model and its figures. The rules are those in tools/data/README.md.
 
 from __future__ import annotations
 
-import csv
+import functools
 import sys
 from collections import Counter
 from pathlib import Path
@@ -43,9 +43,9 @@ def _kind(path: Path) -> str:
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return list(reader.fieldnames or []), list(reader)
+    """(header, rows), read as the recipe reads them (``modeldata._read_tsv``)."""
+    rows = modeldata._read_tsv(path)
+    return (list(rows[0]) if rows else []), rows
 
 
 def _norm(text: str) -> str:
@@ -56,9 +56,9 @@ TRAINED = sorted(FOLDER.glob("*.tsv"))
 FILES = TRAINED + sorted(SPARE.glob("*.tsv"))
 
 
-def _interest_ids() -> set[str]:
-    _, rows = _rows(ROOT / "tools" / "data" / "interest_categories.tsv")
-    return {r["id"] for r in rows}
+@functools.cache
+def _interest_ids() -> frozenset[str]:
+    return frozenset(r["id"] for r in modeldata._read_tsv(modeldata.DATA / "interest_categories.tsv"))
 
 
 def test_every_file_is_of_a_known_kind() -> None:
