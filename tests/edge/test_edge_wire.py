@@ -125,8 +125,10 @@ def recorded(edge_models: EdgeModels, tmp_path: Path) -> Iterator[list[Message]]
         device = Pipeline(edge_models, region="US", ldp=local)
         client = DeliveryClient(PROFILE, "US", target=f"127.0.0.1:{port}", batch_size=3)
         try:
-            for days_ago in (2, 1, 0):
-                for text in QUERIES:
+            # Each query on three days in a row: whichever queries the classifier keeps, a batch then
+            # holds signals of different days, so day offsets other than 0 go on the wire too.
+            for text in QUERIES:
+                for days_ago in (2, 1, 0):
                     client.add(device.analyze_text(text, today=TODAY - dt.timedelta(days=days_ago)).outgoing)
             assert client.flush()
             stub = signals_pb2_grpc.SignalAggregatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
