@@ -16,7 +16,10 @@ Recipe:
 2. While tracing, the 2-D padding mask handed to every Hugging Face model inside it is turned into a
    4-D additive float mask by a forward pre-hook (``_additive_attention_masks``). Without it,
    transformers' mask builder indexes a bool tensor, which lowers to ``GATHER_ND`` v5: tflite-runtime
-   2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND' version '5'").
+   2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND' version '5'"). The
+   classifier of tools/build_models.py runs the encoder's layers itself and builds the same additive
+   mask, so the hook finds nothing to do there; it keeps any model that calls a Hugging Face forward
+   exportable for both runtimes.
 3. ``quantize="weight_only_int8"`` runs the AI Edge Quantizer: symmetric per-channel int8 weights for
    every fully connected layer and the embedding table, float32 compute (the int8 file tflite-runtime
    2.14 computes correctly). ``"dynamic_int8"`` also quantizes activations at run time: faster, but
