@@ -146,6 +146,8 @@ def build_model(src: Path, n_interest: int, n_sensitive: int):  # type: ignore[n
     import torch
     from transformers import AutoModel
 
+    from tools.tflite_export import additive_attention_mask
+
     class Classifier(torch.nn.Module):
         """MiniLM whose last layer is doubled: the first five layers are shared, then the interest
         head reads the original sixth layer and the sensitivity head its own copy of it, each through
@@ -166,10 +168,7 @@ def build_model(src: Path, n_interest: int, n_sensitive: int):  # type: ignore[n
         def pooled(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            # The additive form of the padding mask, built from SUB/MUL: what BERT adds to its
-            # attention scores, and an op set every runtime here loads (tools/tflite_export.py).
-            keep = attention_mask[:, None, None, :].to(torch.float32)
-            additive = (1.0 - keep) * torch.finfo(torch.float32).min
+            additive = additive_attention_mask(attention_mask, torch.float32)
             hidden = self.encoder.embeddings(input_ids=input_ids)
             layers = self.encoder.encoder.layer
             for layer in layers[:-1]:
@@ -393,10 +392,11 @@ def pick_threshold(p_sensitive: np.ndarray, emits: np.ndarray, is_sensitive: np.
     Raises ValueError when the calibration split has too few sensitive queries to show the budget.
     """
     at_risk = np.sort(p_sensitive[is_sensitive & emits])
-    allowed = allowed_leaks(int(is_sensitive.sum()))
+    n_sensitive = int(is_sensitive.sum())
+    allowed = allowed_leaks(n_sensitive)
     if allowed < 0:
         raise ValueError(
-            f"{int(is_sensitive.sum())} sensitive calibration queries cannot show a leak rate within "
+            f"{n_sensitive} sensitive calibration queries cannot show a leak rate within "
             f"{LEAK_BUDGET:.1%} at {LEAK_CONFIDENCE:.0%} confidence; the calibration split needs more"
         )
     if len(at_risk) <= allowed:

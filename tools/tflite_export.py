@@ -17,9 +17,9 @@ Recipe:
    4-D additive float mask by a forward pre-hook (``_additive_attention_masks``). Without it,
    transformers' mask builder indexes a bool tensor, which lowers to ``GATHER_ND`` v5: tflite-runtime
    2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND' version '5'"). The
-   classifier of tools/build_models.py runs the encoder's layers itself and builds the same additive
-   mask, so the hook finds nothing to do there; it keeps any model that calls a Hugging Face forward
-   exportable for both runtimes.
+   classifier of tools/build_models.py runs the encoder's layers itself with the same mask
+   (``additive_attention_mask``), so the hook finds nothing to do there; it keeps any model that calls
+   a Hugging Face forward exportable for both runtimes.
 3. ``quantize="weight_only_int8"`` runs the AI Edge Quantizer: symmetric per-channel int8 weights for
    every fully connected layer and the embedding table, float32 compute (the int8 file tflite-runtime
    2.14 computes correctly). ``"dynamic_int8"`` also quantizes activations at run time: faster, but
@@ -132,6 +132,15 @@ def _named_outputs(model: Any) -> Any:
     return NamedOutputs(model).eval()
 
 
+def additive_attention_mask(mask: Any, dtype: Any) -> Any:
+    """The 4-D additive form ``[batch, 1, 1, tokens]`` of a 2-D padding mask (1 = real token): 0 where
+    attention may look, the dtype's lowest value where it may not. What older transformers releases
+    added to BERT's attention scores; built from SUB/MUL, ops every runtime here loads."""
+    import torch
+
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 @contextmanager
 def _additive_attention_masks(model: Any) -> Iterator[None]:
     """While active, Hugging Face models inside ``model`` get a 4-D additive mask instead of a 2-D one.
@@ -165,8 +174,8 @@ def _additive_attention_masks(model: Any) -> Iterator[None]:
             mask = args[position] if in_args else kwargs.get("attention_mask")
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 return args, kwargs  # None, or already 4-D (e.g. an outer encoder hooked first)
-            dtype = getattr(mod, "dtype", torch.float32)  # the model's float dtype, as transformers uses
-            additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+            # The model's float dtype, as transformers uses.
+            additive = additive_attention_mask(mask, getattr(mod, "dtype", torch.float32))
             if in_args:
                 args = (*args[:position], additive, *args[position + 1 :])
             else:
