@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_testkit import JFK_LINE, JFK_WAV, MODELS, TODAY, copy_models, words
+from edge_testkit import JFK_LINE, JFK_WAV, MODELS, PROFILE, TODAY, copy_models, free_port, words
 
 from edge.asr import ModelError
 from edge.audio import SAMPLE_RATE, Audio
 from edge.classifier import NONE_LABEL, ClassifierOutput, TextClassifier, normalize_text
+from edge.client import DeliveryClient
 from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
 from edge.policy import day_number
 from edge.privacy import DROP_REASONS, Dropped
@@ -173,6 +174,28 @@ def test_opt_out_never_runs_the_classifier(monkeypatch: pytest.MonkeyPatch, edge
     device = Pipeline(edge_models, region="US", opted_out=True)
 
     result = device.analyze_text(COMMERCIAL, today=TODAY)
+
+    assert result.dropped is not None and result.dropped.reason == "opt_out"
+    assert result.signals == [] and result.transcript is None
+
+
+def test_an_opt_out_kept_in_the_outbox_silences_the_device_after_a_restart(
+    monkeypatch: pytest.MonkeyPatch, edge_models: EdgeModels, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox.db"
+    client = DeliveryClient(PROFILE, "US", target=f"127.0.0.1:{free_port()}", outbox=outbox)
+    try:
+        client.set_opt_out(True)
+    finally:
+        client.close()
+    _forbid_classifier(monkeypatch, edge_models)
+
+    restarted = DeliveryClient(PROFILE, "US", target=f"127.0.0.1:{free_port()}", outbox=outbox)
+    try:
+        device = Pipeline(edge_models, region="US", opted_out=restarted.opted_out)  # as the README wires it
+        result = device.analyze_text(COMMERCIAL, today=TODAY)
+    finally:
+        restarted.close()
 
     assert result.dropped is not None and result.dropped.reason == "opt_out"
     assert result.signals == [] and result.transcript is None
