@@ -13,13 +13,11 @@ Recipe:
    once. TFLite graphs have fixed shapes, and a transformer's cost grows with its input length: the
    device runs a query through the shortest signature that holds it (a typical voice query is under 16
    tokens), instead of always paying for 64.
-2. While tracing, the 2-D padding mask handed to every Hugging Face model inside it is turned into a
-   4-D additive float mask by a forward pre-hook (``_additive_attention_masks``). Without it,
-   transformers' mask builder indexes a bool tensor, which lowers to ``GATHER_ND`` v5: tflite-runtime
-   2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND' version '5'"). The
-   classifier of tools/build_models.py runs the encoder's layers itself with the same mask
-   (``additive_attention_mask``), so the hook finds nothing to do there; it keeps any model that calls
-   a Hugging Face forward exportable for both runtimes.
+2. The model must hand its attention layers a 4-D additive float mask (``additive_attention_mask``),
+   as the classifier of tools/build_models.py does by running the encoder's layers itself: a Hugging
+   Face model's own forward builds its mask by indexing a bool tensor, which lowers to ``GATHER_ND``
+   v5, and tflite-runtime 2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND'
+   version '5'").
 3. ``quantize="weight_only_int8"`` runs the AI Edge Quantizer: symmetric per-channel int8 weights for
    every fully connected layer and the embedding table, float32 compute (the int8 file tflite-runtime
    2.14 computes correctly). ``"dynamic_int8"`` also quantizes activations at run time: faster, but
@@ -36,11 +34,9 @@ jax, hence numpy >= 2). Running needs only numpy and ``ai-edge-litert``, or ``tf
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +79,7 @@ def export_tflite(model: Any, out: Path, quantize: str, lengths: Sequence[int] =
     model.eval()  # dropout off; tracing in train mode would bake random masks into the graph
     try:
         converter: Any = None
-        with torch.no_grad(), _additive_attention_masks(model):
+        with torch.no_grad():
             for length in lengths:
                 # Trace from a padded sample: a mask of all ones lets code paths that special-case "no
                 # padding" (transformers skips the mask then, outside torch.export) become the graph.
@@ -139,55 +135,6 @@ def additive_attention_mask(mask: Any, dtype: Any) -> Any:
     import torch
 
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
-@contextmanager
-def _additive_attention_masks(model: Any) -> Iterator[None]:
-    """While active, Hugging Face models inside ``model`` get a 4-D additive mask instead of a 2-D one.
-
-    transformers 5 builds the attention mask with ``padding_mask[batch_idx, kv_idx]``; traced, that is a
-    GATHER_ND on a bool tensor (op version 5), which tflite-runtime 2.14 cannot load. transformers
-    passes a 4-D mask through untouched, and ``(1 - mask) * finfo.min`` added to the attention scores
-    is the same masking (it is what older transformers releases computed for BERT), built from SUB/MUL.
-    Every ``PreTrainedModel`` whose forward takes ``attention_mask`` is hooked; a nested one then sees
-    the 4-D mask and leaves it alone.
-    """
-    import torch
-    from transformers import PreTrainedModel
-
-    handles = []
-    for module in model.modules():
-        if not isinstance(module, PreTrainedModel):
-            continue
-        params = inspect.signature(module.forward).parameters
-        if "attention_mask" not in params:
-            continue
-        position = list(params).index("attention_mask")
-
-        def hook(
-            mod: torch.nn.Module,
-            args: tuple[Any, ...],
-            kwargs: dict[str, Any],
-            position: int = position,
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            in_args = position < len(args)
-            mask = args[position] if in_args else kwargs.get("attention_mask")
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                return args, kwargs  # None, or already 4-D (e.g. an outer encoder hooked first)
-            # The model's float dtype, as transformers uses.
-            additive = additive_attention_mask(mask, getattr(mod, "dtype", torch.float32))
-            if in_args:
-                args = (*args[:position], additive, *args[position + 1 :])
-            else:
-                kwargs = {**kwargs, "attention_mask": additive}
-            return args, kwargs
-
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _quantize(content: bytes, mode: str) -> bytes:
