@@ -1,47 +1,81 @@
 """Sotto on the device: voice query in, privacy-filtered interest signals out.
 
-    from edge import EdgeModels, Pipeline
+    from sotto.edge import EdgeModels, Pipeline
     models = EdgeModels()                      # loads the shipped classifier (ASR on first audio)
     device = Pipeline(models, region="US")
     result = device.analyze_text("where can i buy trail running shoes")
     result.signals   # [Interest(category_id='551', weight_level=3, day=20414)]
 
-Names are imported lazily so that `import edge.policy` (used by the aggregator) stays light.
+Names are imported on first use, so that ``import sotto.edge.classifier`` alone (the TFLite fallback
+environment has no gRPC) and the command line start light; type checkers see them all.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sotto.edge.asr import AsrOptions
+    from sotto.edge.audio import Audio, PcmStream, load_audio
+    from sotto.edge.client import DeliveryClient, TlsOptions
+    from sotto.edge.ldp import LdpOptions, LocalPrivacy
+    from sotto.edge.outbox import Outbox, OutboxLimits
+    from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+    from sotto.edge.privacy import Dropped, FilterOptions, Interest
+    from sotto.edge.signals import encode_batch
+    from sotto.edge.vad import SpeechGateOptions
+    from sotto.policy import Policy
 
 _EXPORTS = {
-    "Analysis": "edge.pipeline",
-    "EdgeConfig": "edge.pipeline",
-    "EdgeModels": "edge.pipeline",
-    "Pipeline": "edge.pipeline",
-    "AsrOptions": "edge.asr",
-    "SpeechGateOptions": "edge.vad",
-    "FilterOptions": "edge.privacy",
-    "Dropped": "edge.privacy",
-    "Interest": "edge.privacy",
-    "LdpOptions": "edge.ldp",
-    "LocalPrivacy": "edge.ldp",
-    "Audio": "edge.audio",
-    "PcmStream": "edge.audio",
-    "load_audio": "edge.audio",
-    "encode_batch": "edge.signals",
-    "DeliveryClient": "edge.client",
-    "Outbox": "edge.outbox",
-    "OutboxLimits": "edge.outbox",
-    "TlsOptions": "edge.client",
-    "Policy": "edge.policy",
+    "Analysis": "sotto.edge.pipeline",
+    "AsrOptions": "sotto.edge.asr",
+    "Audio": "sotto.edge.audio",
+    "DeliveryClient": "sotto.edge.client",
+    "Dropped": "sotto.edge.privacy",
+    "EdgeConfig": "sotto.edge.pipeline",
+    "EdgeModels": "sotto.edge.pipeline",
+    "FilterOptions": "sotto.edge.privacy",
+    "Interest": "sotto.edge.privacy",
+    "LdpOptions": "sotto.edge.ldp",
+    "LocalPrivacy": "sotto.edge.ldp",
+    "Outbox": "sotto.edge.outbox",
+    "OutboxLimits": "sotto.edge.outbox",
+    "PcmStream": "sotto.edge.audio",
+    "Pipeline": "sotto.edge.pipeline",
+    "Policy": "sotto.policy",
+    "SpeechGateOptions": "sotto.edge.vad",
+    "TlsOptions": "sotto.edge.client",
+    "encode_batch": "sotto.edge.signals",
+    "load_audio": "sotto.edge.audio",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Analysis",
+    "AsrOptions",
+    "Audio",
+    "DeliveryClient",
+    "Dropped",
+    "EdgeConfig",
+    "EdgeModels",
+    "FilterOptions",
+    "Interest",
+    "LdpOptions",
+    "LocalPrivacy",
+    "Outbox",
+    "OutboxLimits",
+    "PcmStream",
+    "Pipeline",
+    "Policy",
+    "SpeechGateOptions",
+    "TlsOptions",
+    "encode_batch",
+    "load_audio",
+]
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'edge' has no attribute {name!r}")
+        raise AttributeError(f"module 'sotto.edge' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

@@ -1,3 +1,3 @@
-from edge.cli import main
+from sotto.edge.cli import main
 
 raise SystemExit(main())

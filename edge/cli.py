@@ -24,13 +24,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
-from edge.audio import AudioError, pcm16_to_audio
-from edge.classifier import BACKENDS
-from edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
-from edge.outbox import Outbox, OutboxError
-from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
-from edge.policy import Policy, PolicyError, models_dir
+from sotto.edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
+from sotto.edge.audio import AudioError, pcm16_to_audio
+from sotto.edge.classifier import BACKENDS
+from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
+from sotto.edge.outbox import Outbox, OutboxError
+from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.policy import Policy, PolicyError, models_dir
 
 
 def _parser() -> argparse.ArgumentParser:

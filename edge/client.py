@@ -27,8 +27,8 @@ from pathlib import Path
 
 import grpc
 
-from edge.outbox import Outbox, OutboxStats, StoredBatch
-from edge.privacy import Interest
+from sotto.edge.outbox import Outbox, OutboxStats, StoredBatch
+from sotto.edge.privacy import Interest
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 #: Status codes after which the same batch can succeed later: it stays queued and is retried with backoff.

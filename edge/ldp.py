@@ -1,5 +1,5 @@
-"""Local differential privacy: randomized response over the allowed interest categories, a daily budget,
-and the de-biasing the aggregator applies to what it receives.
+"""Local differential privacy on the device: randomized response over the allowed interest categories and
+a daily budget (the de-biasing the aggregator applies is in ``sotto.ldp_math``).
 
 Generalized (k-ary) randomized response: a signal for category ``c`` is reported as ``c`` with
 probability ``p = e^ε / (e^ε + k − 1)`` and as each of the ``k − 1`` other allowed categories with
@@ -12,8 +12,6 @@ replaces the category of a signal that passed the privacy filter, so it never cr
 A noised signal always carries the full weight level, so its weight says nothing about the utterance
 either. What is *not* protected: that a signal was sent at all on a day (the wearer made some
 commercial query), how many (capped by the daily budget), the day, and the region.
-
-Standard library only: the aggregator imports this module for ``debias`` without any model runtime.
 """
 
 from __future__ import annotations
@@ -22,53 +20,27 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import secrets
-import statistics
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sotto.ldp_math import grr_probabilities
+from sotto.wire import MAX_WEIGHT_LEVEL, epsilon_milli
+
 if TYPE_CHECKING:
-    from edge.privacy import Interest
+    from sotto.edge.privacy import Interest
 
 log = logging.getLogger(__name__)
 
-#: Epsilon travels on the wire in thousandths (``SignalBatch.ldp_epsilon_milli``); 0 means "not noised".
-EPSILON_SCALE = 1000
-#: Above this a randomized response is nearly the truth (k = 89: 99.6% kept); refused as a misconfiguration.
-MAX_EPSILON = 10.0
 #: Weight level of every noised signal (the full level: the weight must not depend on the utterance).
-NOISED_WEIGHT_LEVEL = 4
+NOISED_WEIGHT_LEVEL = MAX_WEIGHT_LEVEL
 DEFAULT_EPSILON = 2.0
 DEFAULT_DAILY_BUDGET = 20
-#: Confidence level of the intervals ``debias`` returns.
-CONFIDENCE = 0.95
-
-
-def epsilon_milli(epsilon: float) -> int:
-    """``epsilon`` in the wire's thousandths; ``ValueError`` unless it is in (0, MAX_EPSILON] with at most
-    three decimals (the device must use exactly the value it declares)."""
-    if not (math.isfinite(epsilon) and 0 < epsilon <= MAX_EPSILON):
-        raise ValueError(f"epsilon must be greater than 0 and at most {MAX_EPSILON:g}, got {epsilon}")
-    milli = round(epsilon * EPSILON_SCALE)
-    if abs(milli - epsilon * EPSILON_SCALE) > 1e-6:
-        raise ValueError(
-            f"epsilon must have at most three decimals (it travels in thousandths), got {epsilon}"
-        )
-    return milli
-
-
-def grr_probabilities(epsilon: float, k: int) -> tuple[float, float]:
-    """``(p, q)`` of k-ary randomized response: keep the true category with p, report each other with q."""
-    if k < 2:
-        raise ValueError(f"randomized response needs at least 2 categories, got {k}")
-    e = math.exp(epsilon)
-    return e / (e + k - 1), 1.0 / (e + k - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +57,6 @@ class LdpOptions:
         epsilon_milli(self.epsilon)
         if self.daily_budget < 1:
             raise ValueError(f"daily_budget must be at least 1 signal per day, got {self.daily_budget}")
-
-    @property
-    def daily_epsilon(self) -> float:
-        """The most privacy loss one wearer can incur in a day."""
-        return self.epsilon * self.daily_budget
 
 
 class RandomizedResponse:
@@ -224,53 +191,3 @@ class LocalPrivacy:
                 )
             )
         return sent, withheld
-
-
-# --- the aggregator's side ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """A de-biased count with its normal-approximation confidence interval (clamped to [0, total])."""
-
-    estimate: float
-    low: float
-    high: float
-    confidence: float
-    #: Reports that went into the estimate, noised or not.
-    total: int
-
-
-def debias(groups: Iterable[tuple[int, int, int]], k: int, confidence: float = CONFIDENCE) -> Estimate:
-    """Estimate how many reports truly were of one category.
-
-    ``groups`` holds ``(epsilon_milli, observed, total)`` per mechanism: ``observed`` reports of the
-    category among ``total`` reports made with that epsilon (0: not noised, counted exactly). Devices
-    with different epsilons can be mixed: each group is de-biased with its own ``(p, q)`` and the
-    estimates and variances add up. Per group, ``(observed − total·q) / (p − q)`` is unbiased, with
-    variance ``(t·p(1−p) + (total−t)·q(1−q)) / (p−q)²`` evaluated at the estimate ``t`` (clamped).
-    """
-    point = 0.0
-    variance = 0.0
-    total = 0
-    for milli, observed, n in groups:
-        if not 0 <= observed <= n:
-            raise ValueError(f"observed count {observed} outside 0..{n}")
-        total += n
-        if milli == 0:
-            point += observed
-            continue
-        p, q = grr_probabilities(milli / EPSILON_SCALE, k)
-        t = (observed - n * q) / (p - q)
-        point += t
-        t_c = min(max(t, 0.0), float(n))
-        variance += (t_c * p * (1 - p) + (n - t_c) * q * (1 - q)) / (p - q) ** 2
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    half = z * math.sqrt(variance)
-    return Estimate(
-        estimate=point,
-        low=max(0.0, point - half),
-        high=min(float(total), point + half),
-        confidence=confidence,
-        total=total,
-    )

@@ -38,11 +38,10 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from edge.ldp import EPSILON_SCALE, MAX_EPSILON, epsilon_milli
-from edge.policy import MAX_DAY_OFFSET
-from edge.privacy import Interest
-from edge.signals import encode_batch
+from sotto.edge.privacy import Interest
+from sotto.edge.signals import encode_batch
 from sotto.v1 import signals_pb2
+from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, epsilon_milli
 
 #: Version of the tables below, kept in ``PRAGMA user_version``; a newer file is refused, not guessed at.
 SCHEMA_VERSION = 1

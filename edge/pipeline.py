@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.asr import AsrOptions, Transcriber
-from edge.audio import Audio, load_audio
-from edge.classifier import TextClassifier
-from edge.ldp import LocalPrivacy
-from edge.policy import REGION_PATTERN, Policy, models_dir
-from edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
-from edge.vad import SpeechGate, SpeechGateOptions
+from sotto.edge.asr import AsrOptions, Transcriber
+from sotto.edge.audio import Audio, load_audio
+from sotto.edge.classifier import TextClassifier
+from sotto.edge.ldp import LocalPrivacy
+from sotto.edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
+from sotto.edge.vad import SpeechGate, SpeechGateOptions
+from sotto.policy import Policy, models_dir
+from sotto.wire import REGION_PATTERN
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,11 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from edge.classifier import ClassifierOutput
-from edge.policy import Policy, day_number
+from sotto.edge.classifier import ClassifierOutput
+from sotto.policy import Policy
+from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, day_number, weight
 
 DROP_REASONS = ("sensitive", "region", "opt_out", "minor", "no_speech", "no_interest")
-WEIGHT_LEVELS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +56,12 @@ class Interest:
 
     @property
     def weight(self) -> float:
-        return self.weight_level / WEIGHT_LEVELS
+        return weight(self.weight_level)
 
 
 def weight_level(probability: float) -> int:
-    """Quantize a probability into one of WEIGHT_LEVELS coarse levels (1..4)."""
-    return max(1, min(WEIGHT_LEVELS, math.ceil(probability * WEIGHT_LEVELS)))
+    """Quantize a probability into one of the coarse WEIGHT_LEVELS (1..4)."""
+    return max(WEIGHT_LEVELS[0], min(MAX_WEIGHT_LEVEL, math.ceil(probability * MAX_WEIGHT_LEVEL)))
 
 
 class PrivacyFilter:

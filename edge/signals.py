@@ -9,10 +9,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from edge.ldp import epsilon_milli
-from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, REGION_PATTERN, TAXONOMY_VERSION
-from edge.privacy import WEIGHT_LEVELS, Interest
+from sotto.edge.privacy import Interest
 from sotto.v1 import signals_pb2
+from sotto.wire import (
+    MAX_DAY_OFFSET,
+    PROFILE_ID_PATTERN,
+    REGION_PATTERN,
+    TAXONOMY_VERSION,
+    WEIGHT_LEVELS,
+    epsilon_milli,
+)
 
 
 def new_batch_id() -> bytes:
@@ -57,8 +63,8 @@ def encode_batch(
             raise ValueError(
                 f"signal from day {interest.day} is more than {MAX_DAY_OFFSET} days older than the batch"
             )
-        if not 1 <= interest.weight_level <= WEIGHT_LEVELS:
-            raise ValueError(f"weight level {interest.weight_level} outside 1..{WEIGHT_LEVELS}")
+        if interest.weight_level not in WEIGHT_LEVELS:
+            raise ValueError(f"weight level {interest.weight_level} is not one of {WEIGHT_LEVELS}")
         batch.signals.add(
             category_id=interest.category_id, weight_level=interest.weight_level, day_offset=offset
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.audio import SAMPLE_RATE, Audio
+from sotto.edge.audio import SAMPLE_RATE, Audio
 
 
 @dataclass(frozen=True, slots=True)

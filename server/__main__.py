@@ -1,5 +1,5 @@
-"""``python -m server``: the same as the ``sotto-server`` console script."""
+"""``python -m sotto.server``: the same as the ``sotto-server`` console script."""
 
-from server.cli import main
+from sotto.server.cli import main
 
 raise SystemExit(main())

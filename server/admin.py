@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from server.auth import AUTHORIZATION
-from server.config import is_loopback, read_pem
+from sotto.server.auth import AUTHORIZATION
+from sotto.server.config import is_loopback, read_pem
 
 
 @dataclass(frozen=True, slots=True)

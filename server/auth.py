@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from edge.policy import PROFILE_ID_PATTERN
-from server.store import Credential, Role, Store
+from sotto.server.store import Credential, Role, Store
+from sotto.wire import PROFILE_ID_PATTERN
 
 TOKEN_PREFIX = "sotto_"
 PROFILE_URI_PREFIX = "urn:sotto:profile:"

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 import grpc
 from google.protobuf.message import Message
 
-from edge.policy import Policy
-from server.admin import AdminConnection
-from server.auth import admin_credential, device_credential, new_token
-from server.config import ServerConfig, ServerTls
-from server.service import create_server
-from server.store import StoreError, open_store
-from server.validation import validate_profile_id
+from sotto.policy import Policy
+from sotto.server.admin import AdminConnection
+from sotto.server.auth import admin_credential, device_credential, new_token
+from sotto.server.config import ServerConfig, ServerTls
+from sotto.server.service import create_server
+from sotto.server.store import StoreError, open_store
+from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 EXIT_USAGE = 2
@@ -408,7 +408,7 @@ def _serve(args: argparse.Namespace) -> int:
         level=max(level, logging.INFO),
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
-    logging.getLogger("server").setLevel(level)
+    logging.getLogger("sotto.server").setLevel(level)
     try:
         asyncio.run(_run_server(args, _server_config(args)))
     except ValueError as exc:  # configuration: models, TLS files, store URL, half-life, unsafe address

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from edge.ldp import MAX_EPSILON
-from edge.policy import Policy
-from server.decay import day_number
+from sotto.policy import Policy
+from sotto.wire import MAX_EPSILON, day_number
 
 
 def utc_today() -> dt.date:

@@ -17,37 +17,19 @@ default half-life of 30 days that is 1943-11 to 2108-02; with a half-life of 1 d
 
 from __future__ import annotations
 
-import datetime as dt
-
-from edge.policy import EPOCH, day_number
+from sotto.wire import weight
 
 __all__ = [
     "REFERENCE_DAY",
-    "date_of",
-    "day_number",
     "increment",
     "score",
     "stored_sum",
     "supported_days",
-    "weight",
 ]
 
 #: Day number (days since 1970-01-01) of 2026-01-01, the reference day ``R`` of every stored sum.
 REFERENCE_DAY = 20454
 MAX_EXPONENT = 1000
-WEIGHT_LEVELS = (1, 2, 3, 4)
-
-
-def date_of(day: int) -> dt.date:
-    """The calendar date of a day number."""
-    return EPOCH + dt.timedelta(days=day)
-
-
-def weight(level: int) -> float:
-    """The weight a coarse weight level stands for: ``level / 4``."""
-    if level not in WEIGHT_LEVELS:
-        raise ValueError(f"weight level must be one of {WEIGHT_LEVELS}, got {level}")
-    return level / 4
 
 
 def supported_days(half_life_days: float) -> tuple[int, int]:

@@ -18,10 +18,10 @@ from typing import Any, NoReturn
 
 import grpc
 
-from server.auth import ACCESS, UNCHECKED, Authenticator, AuthError, Principal
-from server.limits import RateLimiter
-from server.metrics import Metrics
-from server.store import Role, StoreUnavailableError
+from sotto.server.auth import ACCESS, UNCHECKED, Authenticator, AuthError, Principal
+from sotto.server.limits import RateLimiter
+from sotto.server.metrics import Metrics
+from sotto.server.store import Role, StoreUnavailableError
 from sotto.v1 import signals_pb2
 
 SERVICE_NAME: str = signals_pb2.DESCRIPTOR.services_by_name["SignalAggregator"].full_name

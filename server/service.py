@@ -19,16 +19,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge.ldp import debias
-from edge.policy import TAXONOMY_VERSION
-from server import decay
-from server.auth import Authenticator
-from server.config import ServerConfig, is_loopback
-from server.guard import SERVICE_NAME, Guard, abort, current_principal
-from server.limits import RateLimiter
-from server.metrics import Metrics
-from server.store import BatchConflictError, MinorProfileError, PurgeResult, Store, StoreUnavailableError
-from server.validation import (
+from sotto.ldp_math import debias
+from sotto.server import decay
+from sotto.server.auth import Authenticator
+from sotto.server.config import ServerConfig, is_loopback
+from sotto.server.guard import SERVICE_NAME, Guard, abort, current_principal
+from sotto.server.limits import RateLimiter
+from sotto.server.metrics import Metrics
+from sotto.server.store import (
+    BatchConflictError,
+    MinorProfileError,
+    PurgeResult,
+    Store,
+    StoreUnavailableError,
+)
+from sotto.server.validation import (
     ValidationError,
     accepted_days,
     validate_audience,
@@ -36,6 +41,7 @@ from server.validation import (
     validate_profile_id,
 )
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import TAXONOMY_VERSION, date_of
 
 __all__ = ["SERVICE_NAME", "AggregatorServer", "AggregatorServicer", "create_server", "purge_expired"]
 
@@ -326,8 +332,8 @@ async def create_server(
     if first < low or last > high:
         raise ValueError(
             f"a half-life of {store.half_life_days:g} days keeps scores in float range only from "
-            f"{decay.date_of(low)} to {decay.date_of(high)}, but batches accepted today span "
-            f"{decay.date_of(first)} to {decay.date_of(last)}; use a longer half-life"
+            f"{date_of(low)} to {date_of(high)}, but batches accepted today span "
+            f"{date_of(first)} to {date_of(last)}; use a longer half-life"
         )
     metrics = metrics or Metrics()
     guard = Guard(

@@ -9,12 +9,20 @@ import hashlib
 import json
 import math
 
-from edge.ldp import EPSILON_SCALE, MAX_EPSILON
-from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, REGION_PATTERN, TAXONOMY_VERSION, Policy
-from server.config import ServerConfig
-from server.decay import WEIGHT_LEVELS, date_of
-from server.store.base import Batch, Signal
+from sotto.policy import Policy
+from sotto.server.config import ServerConfig
+from sotto.server.store.base import Batch, Signal
 from sotto.v1 import signals_pb2
+from sotto.wire import (
+    EPSILON_SCALE,
+    MAX_DAY_OFFSET,
+    MAX_EPSILON,
+    PROFILE_ID_PATTERN,
+    REGION_PATTERN,
+    TAXONOMY_VERSION,
+    WEIGHT_LEVELS,
+    date_of,
+)
 
 BATCH_ID_BYTES = 16
 #: base_day may be at most this many days after today (devices ahead of UTC) ...

@@ -1,12 +1,12 @@
 """Benchmarks: where the time, the memory and the bytes go, on the device and on the aggregator.
 
-    python tools/bench.py edge-latency            # end of audio -> signals ready, per stage, p50/p95
-    python tools/bench.py edge-memory             # peak RSS of a process with every model, load time
-    python tools/bench.py wire-size               # bytes per batch and per signal, against compact JSON
-    python tools/bench.py aggregator --store sqlite --store postgresql   # signals/s, Ingest p50/p99
-    python tools/bench.py side-by-side            # the pipeline's defaults against the alternatives
-    python tools/bench.py plot                    # PNG plots from the JSON results
-    python tools/bench.py all                     # every benchmark, then the plots
+    python -m tools.bench edge-latency            # end of audio -> signals ready, per stage, p50/p95
+    python -m tools.bench edge-memory             # peak RSS of a process with every model, load time
+    python -m tools.bench wire-size               # bytes per batch and per signal, against compact JSON
+    python -m tools.bench aggregator --store sqlite --store postgresql   # signals/s, Ingest p50/p99
+    python -m tools.bench side-by-side            # the pipeline's defaults against the alternatives
+    python -m tools.bench plot                    # PNG plots from the JSON results
+    python -m tools.bench all                     # every benchmark, then the plots
 
 Each benchmark prints a table and writes ``<name>.json`` into ``--out`` (default ``bench-results/``).
 ``--smoke`` runs a tiny version of it (CI uses that to check that the benchmark runs and that its output
@@ -42,21 +42,19 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-for _entry in (ROOT, ROOT / "proto"):
-    if str(_entry) not in sys.path:
-        sys.path.insert(0, str(_entry))
+from sotto.edge.asr import AsrOptions
+from sotto.edge.audio import SAMPLE_RATE, Audio, load_audio
+from sotto.edge.classifier import normalize_text
+from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.privacy import Interest
+from sotto.edge.signals import encode_batch
+from sotto.policy import Policy
+from sotto.wire import day_number
+from tools.paths import SPEECH, child_env
 
-from edge.asr import AsrOptions  # noqa: E402
-from edge.audio import SAMPLE_RATE, Audio, load_audio  # noqa: E402
-from edge.classifier import normalize_text  # noqa: E402
-from edge.pipeline import EdgeConfig, EdgeModels, Pipeline  # noqa: E402
-from edge.policy import Policy, day_number  # noqa: E402
-from edge.privacy import Interest  # noqa: E402
-from edge.signals import encode_batch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SCHEMA_VERSION = 1
-SHARED_SPEECH = ROOT.parent / "shared" / "data" / "speech"
 DEMO_QUERIES = ROOT / "tools" / "demo" / "queries.txt"
 #: Real recordings (file, reference transcript file) from shared/data, shortest first.
 CLIPS = (
@@ -171,7 +169,7 @@ def write_result(
         "smoke": smoke,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - started, 3),
-        "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "tools.bench", *sys.argv[1:]]),
         "machine": info,
         "config": config,
         "results": results,
@@ -369,7 +367,7 @@ def clips(names: Sequence[str]) -> list[Utterance]:
     """Real recordings from shared/data (those that exist), with their reference transcripts."""
     out = []
     for name in names:
-        path = SHARED_SPEECH / name
+        path = SPEECH / name
         if path.is_file():
             out.append(Utterance(path.name, "clip", load_audio(path), _reference(path)))
     return out
@@ -553,7 +551,7 @@ def memory_child(folder: Path, queries: int) -> dict[str, Any]:
     models.load_audio_models()
     load_s = time.perf_counter() - started
     rss_loaded = _rss_mb()
-    files = sorted(folder.glob("*.wav")) + [SHARED_SPEECH / c for c in CLIPS if (SHARED_SPEECH / c).is_file()]
+    files = sorted(folder.glob("*.wav")) + [SPEECH / c for c in CLIPS if (SPEECH / c).is_file()]
     if not files:
         raise SystemExit(f"bench: no audio in {folder}")
     pipeline = Pipeline(models, region="US")
@@ -587,7 +585,7 @@ def bench_edge_memory(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
         proc = subprocess.run(
             [sys.executable, "-m", "tools.bench", "_memory-child", tmp, str(queries)],
             cwd=ROOT,
-            env=_child_env(),
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=600,
@@ -608,13 +606,6 @@ def table_edge_memory(document: dict[str, Any]) -> list[tuple[str, list[str], li
         ["model load (s)", f"{r['model_load_s']:.2f}"],
     ]
     return [("edge memory: one process, every model, real and spoken queries", ["figure", "value"], rows)]
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "proto"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return env
 
 
 # --- wire size ------------------------------------------------------------------------------------------
@@ -729,7 +720,7 @@ def _store_url(store: str, args: argparse.Namespace, folder: Path) -> Iterator[s
             "bench: --store postgresql needs --postgres-url (or $SOTTO_BENCH_POSTGRES_URL, "
             "$SOTTO_TEST_POSTGRES_URL); bash tools/postgres.sh prints one for the local server"
         )
-    from server.store.postgres import scratch_schema
+    from sotto.server.store.postgres import scratch_schema
 
     with scratch_schema(base, prefix="bench") as url:
         yield url
@@ -760,7 +751,7 @@ def _server(url: str, devices: int) -> Iterator[tuple[subprocess.Popen[str], str
             calls,
         ],
         cwd=ROOT,
-        env=_child_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -789,9 +780,9 @@ def _server(url: str, devices: int) -> Iterator[tuple[subprocess.Popen[str], str
 
 def _issue_tokens(url: str, profiles: list[str], path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "token", "issue", "--db", url, *profiles],
+        [sys.executable, "-m", "sotto.server", "token", "issue", "--db", url, *profiles],
         cwd=ROOT,
-        env=_child_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -840,7 +831,7 @@ def run_aggregator(
             load = subprocess.run(
                 command,
                 cwd=ROOT,
-                env=_child_env(),
+                env=child_env(),
                 capture_output=True,
                 text=True,
                 timeout=duration + warmup + 120,
@@ -1191,7 +1182,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python tools/bench.py",
+        prog="python -m tools.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

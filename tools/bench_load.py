@@ -30,14 +30,12 @@ from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-for entry in (ROOT, ROOT / "proto"):
-    if str(entry) not in sys.path:
-        sys.path.insert(0, str(entry))
+from sotto.edge.privacy import Interest
+from sotto.edge.signals import encode_batch
+from sotto.policy import Policy
+from sotto.wire import day_number
 
-from edge.policy import Policy, day_number  # noqa: E402
-from edge.privacy import Interest  # noqa: E402
-from edge.signals import encode_batch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 INGEST = "/sotto.v1.SignalAggregator/Ingest"
 BATCH_ID_BYTES = 16

@@ -1,6 +1,6 @@
 """Measure the device outbox: the cost of a durable add, and the disk it takes when full.
 
-    python tools/bench_outbox.py            # prints JSON; the README's outbox figures come from here
+    python -m tools.bench_outbox            # prints JSON; the README's outbox figures come from here
 
 A durable add is one SQLite transaction with WAL and synchronous=FULL (an fsync); the full outbox is the
 default bound (1,000 batches of 20 signals) on disk, WAL included, after it has drained again.
@@ -12,17 +12,15 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sotto.edge.outbox import Outbox, OutboxLimits
+from sotto.edge.privacy import Interest
+from sotto.wire import day_number
 
-from edge.outbox import Outbox, OutboxLimits  # noqa: E402
-from edge.policy import day_number  # noqa: E402
-from edge.privacy import Interest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CATEGORIES = ["338", "324", "425", "424", "275", "551", "632"]
 

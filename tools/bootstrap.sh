@@ -29,4 +29,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found %d.%d" % sys.version_info[:2])'
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e "$ROOT[$EXTRAS]"
+# Strict editable mode: a tree of links under build/ mirrors the installed layout (sotto.edge -> edge/, ...),
+# so that mypy and every other static tool see the same packages as Python. A new module needs a re-run.
+rm -rf "$ROOT"/build/__editable__.*  # a stale link tree would hide new files
+"$VENV/bin/python" -m pip install --quiet -e "$ROOT[$EXTRAS]" --config-settings editable_mode=strict

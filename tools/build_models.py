@@ -1,8 +1,8 @@
 """Rebuild every classifier file in models/ from scratch, deterministically.
 
     pip install -e '.[train]'
-    python tools/build_models.py            # data -> fine-tune -> int8 -> ONNX + TFLite -> calibrate
-    python tools/evaluate.py --write-card   # held-out figures into models/MODEL_CARD.md
+    python -m tools.build_models            # data -> fine-tune -> int8 -> ONNX + TFLite -> calibrate
+    python -m tools.evaluate --write-card   # held-out figures into models/MODEL_CARD.md
 
 Recipe:
 1. Data from tools/modeldata.py; 15% of the training split (by text hash) is held back for calibration.
@@ -38,20 +38,19 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from edge.classifier import (  # noqa: E402
+from sotto.edge.classifier import (
     NONE_LABEL,
     ClassifierMeta,
     normalize_text,
     onnx_session,
     outputs_from_probabilities,
 )
-from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
-from edge.privacy import FilterOptions, PrivacyFilter  # noqa: E402
-from tools import modeldata  # noqa: E402
-from tools.onnx_int8 import MIN_ELEMENTS, fake_quantize, quantize_onnx_weights  # noqa: E402
+from sotto.edge.privacy import FilterOptions, PrivacyFilter
+from sotto.policy import SENSITIVE_CLASSES, Policy
+from tools import modeldata
+from tools.onnx_int8 import MIN_ELEMENTS, fake_quantize, quantize_onnx_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SEED = 20261122
 MAX_TOKENS = 64

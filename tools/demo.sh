@@ -25,7 +25,7 @@ echo "aggregator listening on $TARGET (SQLite: $WORK/demo.db)"
 
 # Local differential privacy is on in the demo (epsilon 2 per signal, 20 signals a day); pass
 # --ldp-epsilon 0 to turn it off, or another epsilon: the last flag wins.
-"$PYBIN/python" tools/emulate_device.py --target "$TARGET" --devices 3 --token-file "$WORK/tokens.json" \
+"$PYBIN/python" -m tools.emulate_device --target "$TARGET" --devices 3 --token-file "$WORK/tokens.json" \
   --ldp-epsilon 2 --daily-budget 20 \
   --report "$WORK/report.json" "$@"
 

@@ -1,12 +1,12 @@
 """Emulate many pairs of glasses against a real aggregator, through the real edge pipeline.
 
-    python tools/emulate_device.py --target 127.0.0.1:50051 --devices 5
-    python tools/emulate_device.py --target 127.0.0.1:50051 --queries my_queries.txt --text
-    python tools/emulate_device.py --target 127.0.0.1:50051 --queries clips/ --region US,DE --report out.json
-    python tools/emulate_device.py --target aggregator:50051 --token-file tokens.json --tls-ca ca.pem
-    python tools/emulate_device.py --target 127.0.0.1:50051 --text --outbox-dir outboxes --offline-for 20
-    python tools/emulate_device.py --target 127.0.0.1:50051 --text --outbox-dir outboxes --kill-every 5
-    python tools/emulate_device.py --target 127.0.0.1:50051 --ldp-epsilon 2 --daily-budget 20
+    python -m tools.emulate_device --target 127.0.0.1:50051 --devices 5
+    python -m tools.emulate_device --target 127.0.0.1:50051 --queries my_queries.txt --text
+    python -m tools.emulate_device --target 127.0.0.1:50051 --queries clips/ --region US,DE --report out.json
+    python -m tools.emulate_device --target aggregator:50051 --token-file tokens.json --tls-ca ca.pem
+    python -m tools.emulate_device --target 127.0.0.1:50051 --text --outbox-dir outboxes --offline-for 20
+    python -m tools.emulate_device --target 127.0.0.1:50051 --text --outbox-dir outboxes --kill-every 5
+    python -m tools.emulate_device --target 127.0.0.1:50051 --ldp-epsilon 2 --daily-budget 20
 
 Each virtual device has a profile id, a region and a list of voice queries (audio files, or text lines
 spoken with espeak-ng when it is installed, or analysed as text with --text). Every utterance goes
@@ -46,17 +46,16 @@ from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sotto.edge.audio import AudioError
+from sotto.edge.client import DeliveryClient, TlsOptions
+from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions, LocalPrivacy
+from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.wire import REGION_PATTERN
+from tools.paths import SPEECH, child_env
 
-from edge.audio import AudioError  # noqa: E402
-from edge.client import DeliveryClient, TlsOptions  # noqa: E402
-from edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions, LocalPrivacy  # noqa: E402
-from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline  # noqa: E402
-from edge.policy import REGION_PATTERN  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_QUERIES = ROOT / "tools" / "demo" / "queries.txt"
-SHARED_SPEECH = ROOT.parent / "shared" / "data" / "speech"
 #: Real recorded clips added to the built-in demo when shared/data is present.
 DEMO_CLIPS = [
     "asr_rhasspy_commands/turn_on_the_living_room_lamp.wav",
@@ -99,7 +98,7 @@ def load_queries(path: Path | None, include_clips: bool) -> list[Query]:
     if path is None:
         queries = [Query(text=t) for t in _lines(DEMO_QUERIES)]
         if include_clips:
-            queries += [Query(audio=SHARED_SPEECH / c) for c in DEMO_CLIPS if (SHARED_SPEECH / c).is_file()]
+            queries += [Query(audio=SPEECH / c) for c in DEMO_CLIPS if (SPEECH / c).is_file()]
         return queries
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
@@ -460,7 +459,8 @@ def supervise(argv: list[str], args: argparse.Namespace) -> int:
     online_at = time.time() + args.offline_for
     command = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "tools.emulate_device",
         *child_args,
         "--worker",
         "--online-at",
@@ -469,7 +469,7 @@ def supervise(argv: list[str], args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     kills = 0
     while True:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=child_env())
         assert child.stdout is not None
         seen = 0
         last = gap = 0.0

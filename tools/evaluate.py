@@ -1,9 +1,9 @@
 """Evaluate the shipped classifier and privacy filter on held-out data (never trained on).
 
-    python tools/evaluate.py                 # print figures, confusion per class
-    python tools/evaluate.py --write-card    # also write them into models/MODEL_CARD.md
-    python tools/evaluate.py --baseline      # add a TF-IDF + logistic-regression baseline (needs [train])
-    python tools/evaluate.py --backend onnx  # one runtime only (default: onnx and tflite)
+    python -m tools.evaluate                 # print figures, confusion per class
+    python -m tools.evaluate --write-card    # also write them into models/MODEL_CARD.md
+    python -m tools.evaluate --baseline      # add a TF-IDF + logistic-regression baseline (needs [train])
+    python -m tools.evaluate --backend onnx  # one runtime only (default: onnx and tflite)
 
 The decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter), once per
 classifier runtime. Also reported: how often the runtimes agree with each other and with the float
@@ -24,14 +24,13 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sotto.edge.classifier import BACKENDS, NONE_LABEL, ClassifierMeta, outputs_from_probabilities
+from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.privacy import Dropped, PrivacyFilter
+from sotto.policy import SENSITIVE_CLASSES, Policy
+from tools import modeldata
 
-from edge.classifier import BACKENDS, NONE_LABEL, ClassifierMeta, outputs_from_probabilities  # noqa: E402
-from edge.pipeline import EdgeConfig, EdgeModels, Pipeline  # noqa: E402
-from edge.policy import SENSITIVE_CLASSES, Policy  # noqa: E402
-from edge.privacy import Dropped, PrivacyFilter  # noqa: E402
-from tools import modeldata  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DAY = dt.date(2026, 6, 1)
 BACKEND_TITLES = {"onnx": "ONNX Runtime", "tflite": "TFLite", "float": "float reference"}
@@ -160,7 +159,7 @@ def baseline(
     from sklearn.model_selection import cross_val_predict
     from sklearn.pipeline import make_pipeline, make_union
 
-    from edge.classifier import normalize_text
+    from sotto.edge.classifier import normalize_text
 
     train = [e for e in examples if e.split == "train"]
 
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     agreement = parity(loaded, reference) if reference.is_file() else None
     policy = next(iter(loaded.values())).policy
     base = baseline(examples, evals, policy) if args.baseline else None
-    command = " ".join(["python tools/evaluate.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m tools.evaluate", *(argv if argv is not None else sys.argv[1:])])
     report = render(results, base, agreement, command)
     print(report)
     if args.json:

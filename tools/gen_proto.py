@@ -1,7 +1,7 @@
 """Regenerate (or check) the Python code generated from proto/sotto/v1/signals.proto.
 
-    python tools/gen_proto.py          # write proto/sotto/v1/signals_pb2*.py(i)
-    python tools/gen_proto.py --check  # exit 1 when the committed code differs from the .proto
+    python -m tools.gen_proto          # write proto/sotto/v1/signals_pb2*.py(i)
+    python -m tools.gen_proto --check  # exit 1 when the committed code differs from the .proto
 
 The code is generated with `-I proto`, so the gRPC module imports `from sotto.v1 import signals_pb2`
 and the package installs as `sotto.v1` (never a bare top-level `signals_pb2`).
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {target.relative_to(ROOT)}")
     if stale:
         print(
-            "generated code is out of date with the .proto; run: python tools/gen_proto.py", file=sys.stderr
+            "generated code is out of date with the .proto; run: python -m tools.gen_proto", file=sys.stderr
         )
         for name in stale:
             print(f"  {name}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Print what local differential privacy costs and how well the aggregator's de-biasing works (the figures
 in PRIVACY.md).
 
-    python tools/ldp_table.py            # per epsilon: p, q, interval half-widths, simulated coverage
-    python tools/ldp_table.py --trials 400
+    python -m tools.ldp_table            # per epsilon: p, q, interval half-widths, simulated coverage
+    python -m tools.ldp_table --trials 400
 
 For each epsilon: the probability that randomized response keeps the true category (p) and reports one
 given other category (q) over the shipped interest list, the 95% interval half-width of a de-biased count
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edge.ldp import RandomizedResponse, debias, epsilon_milli, grr_probabilities  # noqa: E402
-from edge.policy import Policy  # noqa: E402
+from sotto.edge.ldp import RandomizedResponse
+from sotto.ldp_math import debias, grr_probabilities
+from sotto.policy import Policy
+from sotto.wire import epsilon_milli
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 #: (reports in the retention window, true reports of the category asked about)

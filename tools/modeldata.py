@@ -16,15 +16,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.paths import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tools" / "data"
-SHARED = Path(os.environ.get("SOTTO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = SHARED_DATA
 NONE = "none"
 
 BBQ_CLASSES = {

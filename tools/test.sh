@@ -14,17 +14,19 @@ if [ -z "${SOTTO_TEST_POSTGRES_URL:-}" ]; then
 fi
 PYBIN="${SOTTO_VENV:-$ROOT/.venv}/bin"
 # The TFLite fallback runtime, tflite-runtime 2.14, needs numpy < 2: it gets a small environment of its
-# own (numpy, tokenizers, tflite-runtime; no project install) that tests/edge/test_edge_classifier_parity.py
-# runs the edge classifier in.
+# own (numpy, tokenizers, tflite-runtime, and the project without its dependencies) that
+# tests/edge/test_edge_classifier_parity.py runs the edge classifier in.
 if [ -z "${SOTTO_TFLITE_RUNTIME_PYTHON:-}" ]; then
   TFLRT="${SOTTO_TFLITE_RUNTIME_VENV:-$ROOT/.venv-tflite-runtime}"
   [ -x "$TFLRT/bin/python" ] || "$(readlink -f "$PYBIN/python")" -m venv "$TFLRT"
   "$TFLRT/bin/python" -m pip install --quiet "tflite-runtime==2.14.0" "numpy>=1.26,<2" "tokenizers>=0.20"
+  "$TFLRT/bin/python" -m pip install --quiet --no-deps -e "$ROOT" --config-settings editable_mode=strict
   export SOTTO_TFLITE_RUNTIME_PYTHON="$TFLRT/bin/python"
 fi
 cd "$ROOT"
-"$PYBIN/python" tools/gen_proto.py --check
+"$PYBIN/python" -m tools.gen_proto --check
 "$PYBIN/ruff" check .
 "$PYBIN/ruff" format --check .
-"$PYBIN/mypy" edge server tools
+"$PYBIN/mypy" -p sotto -p tools
+"$PYBIN/lint-imports"  # the layering contracts in pyproject.toml
 "$PYBIN/python" -m pytest "$@"

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.classifier import TFLITE_OUTPUTS, TfliteRunner, tflite_signature
+from sotto.edge.classifier import TFLITE_OUTPUTS, TfliteRunner, tflite_signature
 
 QUANTIZE_MODES = ("none", "dynamic_int8", "weight_only_int8")
 #: Input lengths that get a signature; the last is the tokenizer's truncation length.

@@ -15,7 +15,7 @@ import math
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from server.store.base import (
+from sotto.server.store.base import (
     ApplyResult,
     Batch,
     BatchConflictError,
@@ -74,7 +74,7 @@ def sqlite_path(url: str) -> str:
 
 
 async def _open_sqlite(url: str, half_life_days: float | None) -> Store:
-    from server.store.sqlite import SQLiteStore
+    from sotto.server.store.sqlite import SQLiteStore
 
     return await SQLiteStore.open(sqlite_path(url), half_life_days)
 
@@ -85,7 +85,7 @@ async def _open_postgresql(url: str, half_life_days: float | None) -> Store:
         raise StoreConfigError(
             f"postgresql:// stores need {' and '.join(missing)}: pip install 'sotto[postgres]'"
         )
-    from server.store.postgres import PostgresStore
+    from sotto.server.store.postgres import PostgresStore
 
     return await PostgresStore.open(url, half_life_days)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from server import decay
+from sotto.server import decay
 
 
 class StoreError(Exception):

@@ -31,7 +31,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from server.store.base import (
+from sotto.server.store.base import (
     ApplyResult,
     Batch,
     BatchConflictError,

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.store.base import (
+from sotto.server.store.base import (
     ApplyResult,
     Batch,
     BatchConflictError,

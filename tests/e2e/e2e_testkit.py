@@ -30,7 +30,7 @@ class Aggregator:
 
 def _issue(db: Path, *args: str) -> str:
     issued = subprocess.run(
-        [sys.executable, "-m", "server", "token", "issue", "--db", f"sqlite:///{db}", *args],
+        [sys.executable, "-m", "sotto.server", "token", "issue", "--db", f"sqlite:///{db}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

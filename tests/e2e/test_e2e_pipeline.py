@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from e2e_testkit import ROOT, SHARED, CaptureProxy, aggregator, grpc_requests, write_wav
 
-from edge.audio import load_audio
-from edge.policy import Policy
+from sotto.edge.audio import load_audio
+from sotto.policy import Policy
 from sotto.v1 import signals_pb2
 
 pytestmark = pytest.mark.e2e
@@ -75,7 +75,8 @@ def run(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
         emulator = subprocess.run(
             [
                 sys.executable,
-                "tools/emulate_device.py",
+                "-m",
+                "tools.emulate_device",
                 "--target",
                 proxy.address,
                 "--devices",

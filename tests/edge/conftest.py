@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from edge_testkit import TODAY
 
-from edge.asr import Transcriber
-from edge.pipeline import EdgeModels, Pipeline
-from edge.policy import Policy
-from edge.vad import SpeechGate
-from server import ServerConfig
+from sotto.edge.asr import Transcriber
+from sotto.edge.pipeline import EdgeModels, Pipeline
+from sotto.edge.vad import SpeechGate
+from sotto.policy import Policy
+from sotto.server import ServerConfig
 
 
 @pytest.fixture(scope="session")

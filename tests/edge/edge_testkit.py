@@ -23,16 +23,16 @@ import grpc
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 
-from edge.audio import SAMPLE_RATE
-from edge.classifier import ClassifierOutput
-from edge.outbox import Outbox
-from edge.policy import models_dir
-from server import ServerConfig, create_server, open_store
+from sotto.edge.audio import SAMPLE_RATE
+from sotto.edge.classifier import ClassifierOutput
+from sotto.edge.outbox import Outbox
+from sotto.policy import models_dir
+from sotto.server import ServerConfig, create_server, open_store
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from tools.paths import SPEECH
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = models_dir()
-SPEECH = Path("/work/shared/data/speech")
 JFK_WAV = SPEECH / "asr_whisper_jfk" / "jfk.wav"
 LIBRISPEECH_FLAC = SPEECH / "asr_misc_librispeech" / "2412-153948-0000.flac"
 JFK_LINE = "ask not what your country can do for you"
@@ -178,7 +178,7 @@ def load_allowlist() -> dict[str, AllowedField]:
 def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m edge analyze ARGS`` as a real process, from outside the source tree."""
     return subprocess.run(
-        [sys.executable, "-m", "edge", "analyze", *(os.fspath(a) for a in args)],
+        [sys.executable, "-m", "sotto.edge", "analyze", *(os.fspath(a) for a in args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from edge_testkit import JFK_LINE, JFK_WAV, words
 
-from edge.asr import (
+from sotto.edge.asr import (
     BUNDLED_TINY_EN_SHA256,
     COMPUTE_TYPES,
     AsrOptions,
@@ -17,8 +17,8 @@ from edge.asr import (
     bundled_model_dir,
     resolve_model,
 )
-from edge.audio import load_audio
-from edge.vad import SpeechGate
+from sotto.edge.audio import load_audio
+from sotto.edge.vad import SpeechGate
 
 
 def _fake_model_dir(tmp_path: Path, content: bytes = b"not really a CTranslate2 model\n") -> Path:

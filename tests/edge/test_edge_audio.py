@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from edge_testkit import LIBRISPEECH_FLAC, pcm16, tone, write_wav
 
-from edge.audio import SAMPLE_RATE, AudioError, PcmStream, load_audio, pcm16_to_audio
+from sotto.edge.audio import SAMPLE_RATE, AudioError, PcmStream, load_audio, pcm16_to_audio
 
 
 def _dominant_hz(samples: np.ndarray) -> float:

@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 from edge_testkit import copy_models
 
-from edge.asr import ModelError, sha256_file
-from edge.classifier import BACKENDS, TextClassifier, normalize_text
-from edge.pipeline import EdgeConfig, EdgeModels, Pipeline
-from edge.policy import models_dir
+from sotto.edge.asr import ModelError, sha256_file
+from sotto.edge.classifier import BACKENDS, TextClassifier, normalize_text
+from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from tools import modeldata
 from tools.evaluate import agreement
-
-ROOT = Path(__file__).resolve().parents[2]
+from tools.paths import SOURCE_MODELS
 
 #: Share of queries on which the runtimes must give the same top category and the same sensitive
 #: decision (issue target: 99.5%).
@@ -39,7 +37,7 @@ FLOAT_MEAN_ABS_DIFF = 0.002
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
-    with np.load(models_dir() / "reference_outputs.npz") as data:
+    with np.load(SOURCE_MODELS / "reference_outputs.npz") as data:
         return {key: data[key] for key in data.files}
 
 
@@ -136,7 +134,7 @@ import sys
 
 import numpy as np
 
-from edge.classifier import TextClassifier
+from sotto.edge.classifier import TextClassifier
 
 classifier = TextClassifier(backend="tflite")
 module = type(classifier._run._interpreter).__module__  # the runtime that ran
@@ -164,10 +162,8 @@ def test_tflite_runtime_fallback_computes_what_ai_edge_litert_computes(
         )
     texts = [str(t) for t in reference["texts"]]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [python, "-c", _FALLBACK_SCRIPT, str(tmp_path / "texts.txt"), str(tmp_path / "out.npz")],
-        env=env,
         capture_output=True,
         text=True,
         timeout=600,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from edge_testkit import JFK_LINE, JFK_WAV, run_cli, words
 
-from edge.privacy import DROP_REASONS
+from sotto.edge.privacy import DROP_REASONS
 
 COMMERCIAL = "book me a flight to paris for next week"
 

@@ -11,10 +11,10 @@ import grpc
 import pytest
 from edge_testkit import CATS, DOGS, GARDENING, MOVIES, MUSIC, PROFILE, TODAY, AggregatorThread, free_port
 
-from edge.client import DeliveryClient
-from edge.policy import day_number
-from edge.privacy import Interest
-from server import ServerConfig
+from sotto.edge.client import DeliveryClient
+from sotto.edge.privacy import Interest
+from sotto.server import ServerConfig
+from sotto.wire import day_number
 
 DAY = day_number(TODAY)
 

@@ -15,12 +15,12 @@ import grpc
 import pytest
 from edge_testkit import CATS, DOGS, MOVIES, MUSIC, PROFILE, TODAY, AggregatorThread, free_port
 
-from edge.client import CHANNEL_OPTIONS, KEEPALIVE_TIME_MS, DeliveryClient
-from edge.outbox import Outbox, OutboxLimits
-from edge.policy import day_number
-from edge.privacy import Interest
-from server import ServerConfig
-from server.service import MIN_PING_INTERVAL_MS, PING_POLICY
+from sotto.edge.client import CHANNEL_OPTIONS, KEEPALIVE_TIME_MS, DeliveryClient
+from sotto.edge.outbox import Outbox, OutboxLimits
+from sotto.edge.privacy import Interest
+from sotto.server import ServerConfig
+from sotto.server.service import MIN_PING_INTERVAL_MS, PING_POLICY
+from sotto.wire import day_number
 
 DAY = day_number(TODAY)
 
@@ -167,7 +167,7 @@ def test_bad_delivery_options_are_refused() -> None:
 
 def _edge(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edge", *args],
+        [sys.executable, "-m", "sotto.edge", *args],
         capture_output=True,
         text=True,
         timeout=60,

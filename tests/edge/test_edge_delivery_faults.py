@@ -20,11 +20,11 @@ import pytest
 from edge_testkit import PROFILE, REPO, TODAY, AggregatorThread, assert_outbox_balanced, free_port
 from fault_proxy import ResponseDroppingProxy
 
-from edge.client import DeliveryClient
-from edge.outbox import LedgerEntry, Outbox, OutboxLimits
-from edge.pipeline import EdgeModels, Pipeline
-from edge.policy import Policy
-from server import ServerConfig
+from sotto.edge.client import DeliveryClient
+from sotto.edge.outbox import LedgerEntry, Outbox, OutboxLimits
+from sotto.edge.pipeline import EdgeModels, Pipeline
+from sotto.policy import Policy
+from sotto.server import ServerConfig
 
 QUERIES = [
     line.strip()
@@ -84,7 +84,8 @@ def test_device_killed_20_times_every_accepted_signal_counted_once(policy: Polic
         proc = subprocess.run(
             [
                 sys.executable,
-                "tools/emulate_device.py",
+                "-m",
+                "tools.emulate_device",
                 "--target",
                 server.target,
                 "--text",
@@ -300,7 +301,8 @@ def test_emulator_offline_for_a_while_then_drains(policy: Policy, tmp_path: Path
         proc = subprocess.run(
             [
                 sys.executable,
-                "tools/emulate_device.py",
+                "-m",
+                "tools.emulate_device",
                 "--target",
                 server.target,
                 "--text",
@@ -336,7 +338,7 @@ def test_emulator_offline_for_a_while_then_drains(policy: Policy, tmp_path: Path
 
 def test_emulator_kill_every_needs_an_outbox_dir() -> None:
     proc = subprocess.run(
-        [sys.executable, "tools/emulate_device.py", "--target", "127.0.0.1:1", "--kill-every", "3"],
+        [sys.executable, "-m", "tools.emulate_device", "--target", "127.0.0.1:1", "--kill-every", "3"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 from edge_testkit import MOVIES, MUSIC, PROFILE, TODAY
 
-from edge.ldp import (
-    NOISED_WEIGHT_LEVEL,
-    DailyBudget,
-    LdpOptions,
-    LocalPrivacy,
-    RandomizedResponse,
-    debias,
-    epsilon_milli,
-    grr_probabilities,
-)
-from edge.pipeline import EdgeModels, Pipeline
-from edge.policy import Policy, day_number
-from edge.privacy import Interest
-from edge.signals import encode_batch
+from sotto.edge.ldp import NOISED_WEIGHT_LEVEL, DailyBudget, LdpOptions, LocalPrivacy, RandomizedResponse
+from sotto.edge.pipeline import EdgeModels, Pipeline
+from sotto.edge.privacy import Interest
+from sotto.edge.signals import encode_batch
+from sotto.ldp_math import debias, grr_probabilities
+from sotto.policy import Policy
+from sotto.wire import day_number, epsilon_milli
 
 DAY = day_number(TODAY)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from edge_testkit import PROFILE, REGION_HEADER, TODAY, copy_policy
 
-from edge.client import DeliveryClient
-from edge.pipeline import EdgeModels, Pipeline
-from edge.policy import Policy, PolicyError, RegionPolicy
-from edge.privacy import PrivacyFilter
+from sotto.edge.client import DeliveryClient
+from sotto.edge.pipeline import EdgeModels, Pipeline
+from sotto.edge.privacy import PrivacyFilter
+from sotto.policy import Policy, PolicyError, RegionPolicy
 
 COMMERCIAL = "where can i buy trail running shoes"
 

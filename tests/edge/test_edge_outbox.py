@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from edge_testkit import CATS, DOGS, GARDENING, MOVIES, MUSIC, PROFILE, TODAY, assert_outbox_balanced
 
-from edge.outbox import SCHEMA_VERSION, Outbox, OutboxError, OutboxLimits
-from edge.policy import day_number
-from edge.privacy import Interest
+from sotto.edge.outbox import SCHEMA_VERSION, Outbox, OutboxError, OutboxLimits
+from sotto.edge.privacy import Interest
+from sotto.wire import day_number
 
 DAY = day_number(TODAY)
 CATEGORIES = [MUSIC, MOVIES, DOGS, CATS, GARDENING]
@@ -290,7 +290,7 @@ def test_garbage_file_is_moved_aside_and_a_fresh_outbox_started(tmp_path: Path) 
 
 def test_outbox_file_holds_no_transcript(tmp_path: Path, edge_models: object) -> None:
     """The outbox is the path off the device: after a real utterance, its bytes hold no word of it."""
-    from edge.pipeline import EdgeModels, Pipeline
+    from sotto.edge.pipeline import EdgeModels, Pipeline
 
     assert isinstance(edge_models, EdgeModels)
     query = "where can i buy trail running shoes"

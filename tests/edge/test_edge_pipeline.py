@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from edge_testkit import JFK_LINE, JFK_WAV, MODELS, PROFILE, TODAY, copy_models, free_port, words
 
-from edge.asr import ModelError
-from edge.audio import SAMPLE_RATE, Audio
-from edge.classifier import NONE_LABEL, ClassifierOutput, TextClassifier, normalize_text
-from edge.client import DeliveryClient
-from edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
-from edge.policy import day_number
-from edge.privacy import DROP_REASONS, Dropped
+from sotto.edge.asr import ModelError
+from sotto.edge.audio import SAMPLE_RATE, Audio
+from sotto.edge.classifier import NONE_LABEL, ClassifierOutput, TextClassifier, normalize_text
+from sotto.edge.client import DeliveryClient
+from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.privacy import DROP_REASONS, Dropped
+from sotto.wire import day_number
 
 COMMERCIAL = "book me a flight to paris for next week"
 NO_INTEREST = "set an alarm for 6 am"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from edge_testkit import MODELS, REGION_HEADER, SENSITIVE_HEADER, copy_policy
 
-from edge.policy import SENSITIVE_CLASSES, Policy, PolicyError, RegionPolicy, SensitiveCategories, models_dir
+from sotto.policy import SENSITIVE_CLASSES, Policy, PolicyError, RegionPolicy, SensitiveCategories, models_dir
 
 
 def _utc_today() -> dt.date:

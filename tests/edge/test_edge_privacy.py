@@ -7,8 +7,7 @@ import datetime as dt
 import pytest
 from edge_testkit import CATS, DOGS, MOVIES, MUSIC, TODAY, output
 
-from edge.policy import Policy
-from edge.privacy import (
+from sotto.edge.privacy import (
     DROP_REASONS,
     Dropped,
     FilterOptions,
@@ -17,6 +16,7 @@ from edge.privacy import (
     day_number,
     weight_level,
 )
+from sotto.policy import Policy
 
 THRESHOLD = 0.8
 

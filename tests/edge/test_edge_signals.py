@@ -8,10 +8,10 @@ import pytest
 from edge_testkit import DOGS, MOVIES, MUSIC, PROFILE, TODAY, load_allowlist
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from edge.policy import TAXONOMY_VERSION, day_number
-from edge.privacy import Interest
-from edge.signals import MAX_DAY_OFFSET, encode_batch
+from sotto.edge.privacy import Interest
+from sotto.edge.signals import MAX_DAY_OFFSET, encode_batch
 from sotto.v1 import signals_pb2
+from sotto.wire import TAXONOMY_VERSION, day_number
 
 DAY = day_number(TODAY)
 F = FieldDescriptor

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from edge_testkit import JFK_WAV, chords
 
-from edge.audio import SAMPLE_RATE, Audio, load_audio
-from edge.vad import SpeechGate, SpeechGateOptions
+from sotto.edge.audio import SAMPLE_RATE, Audio, load_audio
+from sotto.edge.vad import SpeechGate, SpeechGateOptions
 
 
 def _silence() -> np.ndarray:

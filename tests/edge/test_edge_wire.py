@@ -20,11 +20,12 @@ from edge_testkit import PROFILE, TODAY, load_allowlist
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from edge.client import DeliveryClient
-from edge.ldp import LdpOptions, LocalPrivacy
-from edge.pipeline import EdgeModels, Pipeline
-from edge.policy import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, TAXONOMY_VERSION, Policy, day_number
+from sotto.edge.client import DeliveryClient
+from sotto.edge.ldp import LdpOptions, LocalPrivacy
+from sotto.edge.pipeline import EdgeModels, Pipeline
+from sotto.policy import Policy
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import MAX_DAY_OFFSET, PROFILE_ID_PATTERN, TAXONOMY_VERSION, day_number
 
 #: The RPCs a device calls (Ingest its batches, read or erase its own profile); AudienceSize is admin-only.
 DEVICE_METHODS = ("Ingest", "GetProfile", "DeleteProfile")

@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from server import ServerConfig, Store, create_server, open_store
-from server.auth import admin_credential, device_credential, new_token
-from server.decay import day_number
-from server.service import AggregatorServer
-from server.store import sqlite_path
-from server.store.postgres import scratch_schema
+from sotto.server import ServerConfig, Store, create_server, open_store
+from sotto.server.auth import admin_credential, device_credential, new_token
+from sotto.server.service import AggregatorServer
+from sotto.server.store import sqlite_path
+from sotto.server.store.postgres import scratch_schema
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import day_number
 
 REPO = Path(__file__).resolve().parents[2]
 TODAY = dt.date(2026, 3, 1)
@@ -285,7 +285,7 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 def start_server(db_url: str, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen[str], str]:
     """``python -m server serve`` on a free loopback port: the process and its ``127.0.0.1:PORT``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--db", db_url, *extra],
+        [sys.executable, "-m", "sotto.server", "serve", "--listen", "127.0.0.1:0", "--db", db_url, *extra],
         cwd=cwd or REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

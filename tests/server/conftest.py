@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from aggregator_testkit import TODAY, Clock, postgres_base_url, postgres_schema
 
-from edge.policy import Policy
-from server import ServerConfig
+from sotto.policy import Policy
+from sotto.server import ServerConfig
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,10 @@ from aggregator_testkit import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge.client import DeliveryClient, TlsOptions
-from edge.privacy import Interest
-from server import ServerConfig, ServerTls, create_server, open_store
-from server.config import is_loopback
+from sotto.edge.client import DeliveryClient, TlsOptions
+from sotto.edge.privacy import Interest
+from sotto.server import ServerConfig, ServerTls, create_server, open_store
+from sotto.server.config import is_loopback
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...] | None
@@ -396,7 +396,7 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
 def test_logs_never_contain_tokens_or_profile_ids(
     auth_config: ServerConfig, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="server")
+    caplog.set_level(logging.DEBUG, logger="sotto.server")
     tokens: list[str] = []
 
     async def scenario() -> None:

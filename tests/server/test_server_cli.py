@@ -32,16 +32,16 @@ from aggregator_testkit import (
     stop_server,
 )
 
-from server import open_store
-from server.cli import main
-from server.config import utc_today
-from server.decay import day_number
+from sotto.server import open_store
+from sotto.server.cli import main
+from sotto.server.config import utc_today
 from sotto.v1 import signals_pb2_grpc
+from sotto.wire import day_number
 
 
 def _sotto_server(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sotto.server", *args], cwd=cwd, capture_output=True, text=True, timeout=60
     )
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from aggregator_testkit import ELECTRONICS, MUSIC, PROFILE, TODAY_DAY, Clock, make_batch, running, signal
 
-from server import ServerConfig, create_server, open_store
-from server.decay import REFERENCE_DAY, date_of, day_number, increment, score, supported_days, weight
-from server.validation import validate_batch
+from sotto.server import ServerConfig, create_server, open_store
+from sotto.server.decay import REFERENCE_DAY, increment, score, supported_days
+from sotto.server.validation import validate_batch
 from sotto.v1 import signals_pb2
+from sotto.wire import date_of, day_number, weight
 
 
 def test_reference_day_is_2026_01_01() -> None:

@@ -8,9 +8,9 @@ import grpc
 import pytest
 from aggregator_testkit import ELECTRONICS, MUSIC, PROFILE, TODAY_DAY, make_batch, row_counts, running, signal
 
-from server import ServerConfig, open_store
-from server.store import BatchConflictError
-from server.validation import validate_batch
+from sotto.server import ServerConfig, open_store
+from sotto.server.store import BatchConflictError
+from sotto.server.validation import validate_batch
 from sotto.v1 import signals_pb2
 
 GET_PROFILE = signals_pb2.GetProfileRequest(profile_id=PROFILE)

@@ -26,10 +26,10 @@ from aggregator_testkit import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server import ServerConfig, Store, create_server, open_store
-from server.limits import RateLimiter
-from server.service import SERVICE_NAME, AggregatorServer
-from server.store import ApplyResult, Batch, StoreUnavailableError
+from sotto.server import ServerConfig, Store, create_server, open_store
+from sotto.server.limits import RateLimiter
+from sotto.server.service import SERVICE_NAME, AggregatorServer
+from sotto.server.store import ApplyResult, Batch, StoreUnavailableError
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
 

@@ -20,7 +20,7 @@ from aggregator_testkit import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import ServerConfig
+from sotto.server import ServerConfig
 from sotto.v1 import signals_pb2
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

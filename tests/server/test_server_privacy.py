@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -34,11 +33,12 @@ from aggregator_testkit import (
     signal,
 )
 
-from edge.ldp import RandomizedResponse, debias
-from edge.policy import Policy, models_dir
-from server import ServerConfig
-from server.store import open_store
-from server.validation import validate_batch
+from sotto.edge.ldp import RandomizedResponse
+from sotto.ldp_math import debias
+from sotto.policy import Policy, models_dir
+from sotto.server import ServerConfig
+from sotto.server.store import open_store
+from sotto.server.validation import validate_batch
 from sotto.v1 import signals_pb2
 
 SIGNAL_TABLES = ("batches", "profiles", "scores", "signal_counts")
@@ -196,12 +196,11 @@ def test_minor_command_marks_lists_and_unmarks(db_url: str, config: ServerConfig
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "server", "minor", "--db", db_url, *args],
+            [sys.executable, "-m", "sotto.server", "minor", "--db", db_url, *args],
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'proto'}"},
         )
 
     marked = run(PROFILE)

@@ -24,13 +24,13 @@ from aggregator_testkit import (
     stop_server,
 )
 
-from edge.policy import Policy
-from server import ServerConfig, open_store
-from server.config import utc_today
-from server.decay import day_number
-from server.store import StoredProfile
-from server.validation import validate_batch
+from sotto.policy import Policy
+from sotto.server import ServerConfig, open_store
+from sotto.server.config import utc_today
+from sotto.server.store import StoredProfile
+from sotto.server.validation import validate_batch
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import day_number
 
 pytestmark = pytest.mark.e2e
 

@@ -30,11 +30,11 @@ from aggregator_testkit import (
     signal,
 )
 
-from server import ServerConfig, create_server, open_store
-from server.decay import day_number
-from server.metrics import Metrics
-from server.service import purge_expired
+from sotto.server import ServerConfig, create_server, open_store
+from sotto.server.metrics import Metrics
+from sotto.server.service import purge_expired
 from sotto.v1 import signals_pb2
+from sotto.wire import day_number
 
 
 def test_deletion_leaves_no_row_of_the_profile(auth_config: ServerConfig, db_url: str) -> None:

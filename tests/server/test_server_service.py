@@ -12,8 +12,8 @@ from aggregator_testkit import ELECTRONICS, MOVIES, MUSIC, PROFILE, TODAY_DAY, m
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server import ServerConfig, create_server, open_store
-from server.service import SERVICE_NAME
+from sotto.server import ServerConfig, create_server, open_store
+from sotto.server.service import SERVICE_NAME
 from sotto.v1 import signals_pb2
 
 
@@ -109,7 +109,7 @@ def test_reflection_lists_the_services(config: ServerConfig) -> None:
 def test_logs_never_contain_the_profile_id(
     config: ServerConfig, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="server")
+    caplog.set_level(logging.DEBUG, logger="sotto.server")
     batch_id = bytes(16)
 
     async def scenario() -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from aggregator_testkit import ELECTRONICS, MUSIC, OTHER, PROFILE, make_batch, row_counts, signal
 
-from server import ServerConfig
-from server.decay import increment
-from server.store import ApplyResult, Batch, BatchConflictError, StoreUnavailableError
-from server.store import sqlite as sqlite_backend
-from server.validation import validate_batch
+from sotto.server import ServerConfig
+from sotto.server.decay import increment
+from sotto.server.store import ApplyResult, Batch, BatchConflictError, StoreUnavailableError
+from sotto.server.store import sqlite as sqlite_backend
+from sotto.server.validation import validate_batch
 
 
 def _open(path: Path) -> sqlite3.Connection:

@@ -23,10 +23,10 @@ from aggregator_testkit import (
     signal,
 )
 
-from server import ServerConfig, open_store
-from server.auth import admin_credential, device_credential, hash_token
-from server.decay import increment
-from server.store import (
+from sotto.server import ServerConfig, open_store
+from sotto.server.auth import admin_credential, device_credential, hash_token
+from sotto.server.decay import increment
+from sotto.server.store import (
     Credential,
     HalfLifeMismatchError,
     PurgeResult,
@@ -34,9 +34,9 @@ from server.store import (
     StoreConfigError,
     sqlite_path,
 )
-from server.store import postgres as postgres_backend
-from server.store import sqlite as sqlite_backend
-from server.validation import validate_batch
+from sotto.server.store import postgres as postgres_backend
+from sotto.server.store import sqlite as sqlite_backend
+from sotto.server.validation import validate_batch
 
 
 def test_round_trip(store_url: str, config: ServerConfig) -> None:

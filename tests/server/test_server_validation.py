@@ -22,10 +22,10 @@ from aggregator_testkit import (
     signal,
 )
 
-from server import ServerConfig
-from server.decay import day_number
-from server.validation import ValidationError, validate_batch
+from sotto.server import ServerConfig
+from sotto.server.validation import ValidationError, validate_batch
 from sotto.v1 import signals_pb2
+from sotto.wire import day_number
 
 INVALID = [
     pytest.param(

@@ -17,11 +17,9 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # tools/ is not an installed package
-    sys.path.insert(0, str(ROOT))
+from tools.bench import BENCHMARKS, ResultError, validate_result
 
-from tools.bench import BENCHMARKS, ResultError, validate_result  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.bench
 
@@ -29,14 +27,9 @@ POSTGRES_ENV = "SOTTO_TEST_POSTGRES_URL"
 
 
 def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), str(ROOT / "proto"), env.get("PYTHONPATH")) if p
-    )
     return subprocess.run(
-        [sys.executable, "tools/bench.py", *args],
+        [sys.executable, "-m", "tools.bench", *args],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,18 +8,15 @@ both the model and its figures. The rules are those in tools/data/README.md.
 from __future__ import annotations
 
 import functools
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # tools/ is not an installed package
-    sys.path.insert(0, str(ROOT))
+from sotto.policy import SENSITIVE_CLASSES
+from tools import modeldata
 
-from edge.policy import SENSITIVE_CLASSES  # noqa: E402
-from tools import modeldata  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 FOLDER = ROOT / "tools" / "data" / "handwritten"
 #: file stem prefix -> (header, label column, allowed labels or None for "interest category ids")

@@ -8,17 +8,14 @@ threshold at all from a calibration split too small to show the budget.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # tools/ is not an installed package
-    sys.path.insert(0, str(ROOT))
+from tools.build_models import LEAK_BUDGET, LEAK_CONFIDENCE, allowed_leaks, pick_threshold
 
-from tools.build_models import LEAK_BUDGET, LEAK_CONFIDENCE, allowed_leaks, pick_threshold  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("n", [300, 460, 1000, 1300, 6598, 10000])

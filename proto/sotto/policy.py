@@ -1,20 +1,22 @@
 """Privacy policy data: the IAB taxonomy, the reviewed sensitive list and the region table.
 
-Pure standard library on purpose: the aggregator enforces the same policy as the device and imports
-this module without pulling in any model runtime.
+Part of the contract both sides share: the aggregator enforces the same policy as the device. Pure standard
+library, so that neither side pulls in the other's runtime. The tables are package data of ``sotto.models``
+(found with ``importlib.resources``, so an installed wheel works), unless a folder is named explicitly or
+in ``$SOTTO_MODELS_DIR``.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import importlib.resources
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-TAXONOMY_VERSION = "3.1"
+from sotto.wire import TAXONOMY_VERSION
 
 #: Sensitivity classes the device detects and drops (the keys used in models/ and in drop details).
 SENSITIVE_CLASSES: tuple[str, ...] = (
@@ -35,44 +37,37 @@ SENSITIVE_CLASSES: tuple[str, ...] = (
 )
 
 
-EPOCH = dt.date(1970, 1, 1)
-
-# Wire-format rules shared by the device (before sending) and the aggregator (before storing).
-PROFILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
-REGION_PATTERN = re.compile(r"[A-Z]{2}")
-#: A batch may carry signals at most this many days older than its base_day.
-MAX_DAY_OFFSET = 30
-
-
-def day_number(date: dt.date) -> int:
-    """Days since 1970-01-01 UTC: the only time resolution that leaves the device (``base_day``)."""
-    return (date - EPOCH).days
-
-
 class PolicyError(ValueError):
     """A policy or model data file is missing or malformed."""
 
 
 def models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Locate the shipped model/policy folder.
+    """Locate the model and policy folder.
 
-    Order: an explicit path, then ``$SOTTO_MODELS_DIR``, then ``models/`` next to the installed
-    packages (source checkout or editable install). Nothing is ever downloaded.
+    Order: an explicit path, then ``$SOTTO_MODELS_DIR``, then the files shipped in the package
+    ``sotto.models`` (a wheel, an editable install or a source checkout alike). Nothing is ever
+    downloaded.
     """
-    candidates: list[Path] = []
     if explicit is not None:
-        candidates.append(Path(explicit))
+        path = Path(explicit)
     elif os.environ.get("SOTTO_MODELS_DIR"):
-        candidates.append(Path(os.environ["SOTTO_MODELS_DIR"]))
+        path = Path(os.environ["SOTTO_MODELS_DIR"])
     else:
-        candidates.append(Path(__file__).resolve().parent.parent / "models")
-    for path in candidates:
-        if (path / "iab_content_taxonomy_3.1.tsv").is_file():
-            return path
-    raise PolicyError(
-        f"no Sotto models folder at {candidates[0]} (expected iab_content_taxonomy_3.1.tsv there); "
-        "pass the folder explicitly or set SOTTO_MODELS_DIR"
-    )
+        path = bundled_models_dir()
+    if not (path / "iab_content_taxonomy_3.1.tsv").is_file():
+        raise PolicyError(
+            f"no Sotto models folder at {path} (expected iab_content_taxonomy_3.1.tsv there); "
+            "pass the folder explicitly or set SOTTO_MODELS_DIR"
+        )
+    return path
+
+
+def bundled_models_dir() -> Path:
+    """The folder of the model and policy files shipped in the package ``sotto.models``."""
+    root = importlib.resources.files("sotto.models")
+    if not isinstance(root, Path):  # e.g. imported from a zip file: the runtimes need real files
+        raise PolicyError(f"the package sotto.models must be installed as files, not in {root}")
+    return root
 
 
 def _read_tsv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
