@@ -1,10 +1,12 @@
 """Sotto on the device: voice query in, privacy-filtered interest signals out.
 
-    from sotto.edge import EdgeModels, Pipeline
-    models = EdgeModels()                      # loads the shipped classifier (ASR on first audio)
-    device = Pipeline(models, region="US")
-    result = device.analyze_text("where can i buy trail running shoes")
-    result.signals   # [Interest(category_id='551', weight_level=3, day=20414)]
+    from sotto.edge import Device
+    device = Device("profile-id-1234", "US", target="aggregator:50051", token=token, outbox="outbox.db")
+    result = device.hear_text("where can i buy trail running shoes")   # or device.hear(audio)
+    result.signals   # [Interest(category_id='551', weight_level=3, day=20414)]: stored, sent when due
+
+``Device`` wires the lower-level parts (``EdgeModels``, ``Pipeline``, ``LocalPrivacy``,
+``DeliveryClient``, ``Outbox``), which stay public.
 
 Names are imported on first use, so that ``import sotto.edge.classifier`` alone (the TFLite fallback
 environment has no gRPC) and the command line start light; type checkers see them all.
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from sotto.edge.asr import AsrOptions
     from sotto.edge.audio import Audio, PcmStream, load_audio
     from sotto.edge.client import DeliveryClient, TlsOptions
+    from sotto.edge.device import DeliveryOptions, Device
     from sotto.edge.ldp import LdpOptions, LocalPrivacy
     from sotto.edge.outbox import Outbox, OutboxLimits
     from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
@@ -32,6 +35,8 @@ _EXPORTS = {
     "AsrOptions": "sotto.edge.asr",
     "Audio": "sotto.edge.audio",
     "DeliveryClient": "sotto.edge.client",
+    "DeliveryOptions": "sotto.edge.device",
+    "Device": "sotto.edge.device",
     "Dropped": "sotto.edge.privacy",
     "EdgeConfig": "sotto.edge.pipeline",
     "EdgeModels": "sotto.edge.pipeline",
@@ -55,6 +60,8 @@ __all__ = [
     "AsrOptions",
     "Audio",
     "DeliveryClient",
+    "DeliveryOptions",
+    "Device",
     "Dropped",
     "EdgeConfig",
     "EdgeModels",

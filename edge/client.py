@@ -17,6 +17,7 @@ message) or a TLS client certificate; ``TlsOptions`` holds the certificates.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -30,6 +31,9 @@ import grpc
 from sotto.edge.outbox import Outbox, OutboxStats, StoredBatch
 from sotto.edge.privacy import Interest
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import canonical_region, check_profile_id
+
+log = logging.getLogger(__name__)
 
 #: Status codes after which the same batch can succeed later: it stays queued and is retried with backoff.
 RETRYABLE = frozenset(
@@ -137,6 +141,10 @@ class DeliveryClient:
         max_delay_s: float = 300.0,
         max_backoff_s: float = 900.0,
     ) -> None:
+        # Checked before anything is opened: a malformed id or region would be stored with every signal
+        # and refused by the aggregator with every batch.
+        profile_id = check_profile_id(profile_id)
+        region = canonical_region(region)
         if (target is None) == (channel is None):
             raise ValueError("give exactly one of target or channel")
         if tls is not None and channel is not None:
@@ -260,6 +268,16 @@ class DeliveryClient:
                     self.stats.bytes_sent += size  # the server read the batch and answered
                     self.stats.rejected[code.name] = self.stats.rejected.get(code.name, 0) + 1
                     self.outbox.set_aside(batch.batch_id, code.name)
+                    # Loud on purpose: a missing or revoked credential sets every batch aside.
+                    log.error(
+                        "the aggregator refused a batch of %d signals for good (%s: %s); it is set aside%s",
+                        batch.signals,
+                        code.name,
+                        exc.details(),  # type: ignore[attr-defined]
+                        " (is the device's token missing or revoked?)"
+                        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                        else "",
+                    )
                     return True
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.stats.bytes_sent += size

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sotto.ldp_math import grr_probabilities
 from sotto.wire import MAX_WEIGHT_LEVEL, epsilon_milli
@@ -86,48 +86,42 @@ class RandomizedResponse:
         return self.categories[other if other < index else other + 1]
 
 
-#: Day marker of an unreadable budget file: nothing may be spent until the file is rewritten.
+#: Day marker of an unreadable budget: nothing may be spent until it is rewritten.
 _UNREADABLE = -2
+#: The key of the budget in a device's state (``Outbox.get_state``/``set_state``).
+BUDGET_STATE_KEY = "privacy_budget"
 
 
-class DailyBudget:
-    """How many signals the device may still send today, kept in a small JSON file so that a restart does
-    not reset it.
+class StateStore(Protocol):
+    """Small persisted key-value state; the device's outbox is one (``Outbox.get_state``/``set_state``)."""
 
-    The count resets only when the UTC day moves forward; a clock set back keeps the newest day's count.
-    A file that cannot be read fails closed: today's budget counts as spent.
+    def get_state(self, key: str) -> str | None: ...
+
+    def set_state(self, key: str, value: str | None) -> None: ...
+
+
+class JsonFileState:
+    """A :class:`StateStore` of one value in a file of its own, for callers without an outbox.
+
+    Written with write-then-rename, so a crash leaves the old value or the new one, never a torn file;
+    the folder is created on the first write.
     """
 
-    def __init__(self, per_day: int, path: str | os.PathLike[str] | None = None) -> None:
-        if per_day < 1:
-            raise ValueError(f"a daily budget must be at least 1, got {per_day}")
-        self.per_day = per_day
-        self.path = None if path is None else Path(path)
-        self._day, self._spent = self._load()
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
 
-    def _load(self) -> tuple[int, int]:
-        if self.path is None or not self.path.exists():
-            return -1, 0
-        try:
-            state = json.loads(self.path.read_text(encoding="utf-8"))
-            day, spent = int(state["day"]), int(state["spent"])
-            if spent < 0:
-                raise ValueError("negative count")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning(
-                "privacy budget file %s is unreadable (%s): today's budget counts as spent", self.path, exc
-            )
-            return _UNREADABLE, 0
-        return day, spent
+    def get_state(self, key: str) -> str | None:
+        return self.path.read_text(encoding="utf-8") if self.path.exists() else None
 
-    def _save(self) -> None:
-        if self.path is None:
+    def set_state(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.path.unlink(missing_ok=True)
             return
-        # Write-then-rename: a crash leaves the old count or the new one, never a torn file.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".budget-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"day": self._day, "spent": self._spent}, fh)
+                fh.write(value)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -135,6 +129,43 @@ class DailyBudget:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+class DailyBudget:
+    """How many signals the device may still send today, persisted so that a restart does not reset it:
+    in the device's state (its outbox), or in a JSON file of its own when ``state`` is a path.
+
+    The count resets only when the UTC day moves forward; a clock set back keeps the newest day's count.
+    A stored budget that cannot be read fails closed: today's budget counts as spent.
+    """
+
+    def __init__(self, per_day: int, state: StateStore | str | os.PathLike[str] | None = None) -> None:
+        if per_day < 1:
+            raise ValueError(f"a daily budget must be at least 1, got {per_day}")
+        self.per_day = per_day
+        self.state: StateStore | None = (
+            JsonFileState(state) if isinstance(state, str | os.PathLike) else state
+        )
+        self._day, self._spent = self._load()
+
+    def _load(self) -> tuple[int, int]:
+        raw = None
+        try:
+            raw = None if self.state is None else self.state.get_state(BUDGET_STATE_KEY)
+            if raw is None:
+                return -1, 0
+            document = json.loads(raw)
+            day, spent = int(document["day"]), int(document["spent"])
+            if spent < 0:
+                raise ValueError("negative count")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("the privacy budget is unreadable (%s): today's budget counts as spent", exc)
+            return _UNREADABLE, 0
+        return day, spent
+
+    def _save(self) -> None:
+        if self.state is not None:
+            self.state.set_state(BUDGET_STATE_KEY, json.dumps({"day": self._day, "spent": self._spent}))
 
     def remaining(self, day: int) -> int:
         """Signals still allowed on ``day``."""
@@ -148,7 +179,7 @@ class DailyBudget:
         """Spend one signal of ``day``'s budget; False (and nothing spent) when it is used up."""
         if self.remaining(day) == 0:
             if self._day == _UNREADABLE:
-                # Replace the bad file by "today is spent": tomorrow starts afresh from a good file.
+                # Replace the bad value by "today is spent": tomorrow starts afresh from a good one.
                 self._day, self._spent = day, self.per_day
                 self._save()
             return False
@@ -166,12 +197,14 @@ class LocalPrivacy:
         self,
         categories: Iterable[str],
         options: LdpOptions | None = None,
-        budget_path: str | os.PathLike[str] | None = None,
+        budget: StateStore | str | os.PathLike[str] | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``budget`` is where the daily budget persists: the device's outbox (what ``Device`` passes), a
+        JSON file of its own, or None (in memory only)."""
         self.options = options or LdpOptions()
         self.mechanism = RandomizedResponse(categories, self.options.epsilon, rng)
-        self.budget = DailyBudget(self.options.daily_budget, budget_path)
+        self.budget = DailyBudget(self.options.daily_budget, budget)
 
     def privatize(self, signals: Sequence[Interest]) -> tuple[list[Interest], int]:
         """The signals to send for ``signals`` (which passed the filter) and how many were withheld

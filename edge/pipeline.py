@@ -21,7 +21,7 @@ from sotto.edge.ldp import LocalPrivacy
 from sotto.edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
 from sotto.edge.vad import SpeechGate, SpeechGateOptions
 from sotto.policy import Policy, models_dir
-from sotto.wire import REGION_PATTERN
+from sotto.wire import canonical_region
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +139,8 @@ class Pipeline:
         minor: bool = False,
         ldp: LocalPrivacy | None = None,
     ) -> None:
-        region = region.upper()
-        if not REGION_PATTERN.fullmatch(region):
-            raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
         self.models = models
-        self.region = region
+        self.region = canonical_region(region)
         self.filter = PrivacyFilter(
             models.policy, models.classifier.meta.sensitive_threshold, models.config.filter
         )

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import random
-import re
 import resource
 import shutil
 import statistics
@@ -50,6 +49,7 @@ from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.policy import Policy
 from sotto.wire import day_number
+from tools.harness import issue_tokens, start_server, stop_server
 from tools.paths import SPEECH, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -730,16 +730,9 @@ def _store_url(store: str, args: argparse.Namespace, folder: Path) -> Iterator[s
 def _server(url: str, devices: int) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``sotto-server serve`` on a free loopback port, with limits that let the load through."""
     calls = str(max(1000, devices * 10))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--db",
+    try:
+        proc, target = start_server(
             url,
-            "--listen",
-            "127.0.0.1:0",
             "--log-level",
             "WARNING",
             # One device here stands for a busy gateway: the per-device limit (1/s) is not under test.
@@ -749,47 +742,20 @@ def _server(url: str, devices: int) -> Iterator[tuple[subprocess.Popen[str], str
             "1000000",
             "--max-concurrent-rpcs",
             calls,
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"bench: {exc}") from None
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.fullmatch(r"listening on (127\.0\.0\.1:\d+)\n", line)
-        if not match:
-            raise SystemExit(
-                f"bench: the aggregator did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-            )
-        yield proc, match.group(1)
+        yield proc, target
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        stop_server(proc)
 
 
 def _issue_tokens(url: str, profiles: list[str], path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sotto.server", "token", "issue", "--db", url, *profiles],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: token issue failed: {proc.stderr}")
-    path.write_text(proc.stdout)
+    try:
+        path.write_text(issue_tokens(url, *profiles))
+    except RuntimeError as exc:
+        raise SystemExit(f"bench: {exc}") from None
 
 
 #: Offered load (signals/s) at which each store's p99 target applies.

@@ -48,8 +48,9 @@ import grpc
 
 from sotto.edge.audio import AudioError
 from sotto.edge.client import DeliveryClient, TlsOptions
-from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions, LocalPrivacy
-from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.device import DeliveryOptions, Device
+from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions
+from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels
 from sotto.wire import REGION_PATTERN
 from tools.paths import SPEECH, child_env
 
@@ -150,8 +151,7 @@ class Speaker:
 
 
 def run_device(
-    device: Pipeline,
-    client: DeliveryClient,
+    device: Device,
     queries: list[Query],
     speaker: Speaker | None,
     as_text: bool,
@@ -163,7 +163,7 @@ def run_device(
 ) -> None:
     """Analyse the device's queries in order, resuming after the last one its outbox recorded (after a
     kill), sending when a batch is due once the device is online; then drain the outbox."""
-    done = int(client.outbox.get_state(PROGRESS_KEY) or 0)
+    done = int(device.outbox.get_state(PROGRESS_KEY) or 0)
     for index, query in enumerate(queries):
         if index < done:
             continue
@@ -171,11 +171,11 @@ def run_device(
         result: Analysis
         try:
             if query.audio is not None:
-                result = device.analyze_file(query.audio)
+                result = device.hear_file(query.audio)
             elif as_text or speaker is None:
-                result = device.analyze_text(query.text or "")
+                result = device.hear_text(query.text or "")
             else:
-                spoken = device.analyze_file(speaker.speak(query.text or ""))
+                spoken = device.hear_file(speaker.speak(query.text or ""))
                 result = dataclasses.replace(spoken, input=query.label)
         except AudioError as exc:
             print(f"emulate_device: skipped {query.label}: {exc}", file=sys.stderr)
@@ -188,22 +188,21 @@ def run_device(
         if result.dropped:
             report.dropped[result.dropped.reason] += 1
         document = result.to_json(device.models.policy)
-        if device.ldp is not None:  # what was sent, after the budget and randomized response
+        if device.privacy is not None:  # what was sent, after the budget and randomized response
             document.update(result.noised_json(device.models.policy))
         report.analyses.append(document)
-        client.add(result.outgoing)
-        # Not atomic with the add: a kill in between replays the utterance, and the outbox counts the
-        # replayed signals as accepted again (they are new signals as far as delivery is concerned).
-        client.outbox.set_state(PROGRESS_KEY, str(index + 1))
+        # Not atomic with hearing (which stored the signals): a kill in between replays the utterance, and
+        # the outbox counts the replayed signals as accepted again (new signals as far as delivery goes).
+        device.outbox.set_state(PROGRESS_KEY, str(index + 1))
         progress.update(1)
         if announce:
             print("utterance", flush=True)
         if time.time() >= online_at:
-            client.flush_if_due()
+            device.flush_if_due()
     if time.time() < online_at:
         time.sleep(online_at - time.time())
     give_up = time.monotonic() + drain_s
-    while not client.flush() and time.monotonic() < give_up:
+    while not device.flush() and time.monotonic() < give_up:
         time.sleep(0.2)
 
 
@@ -382,12 +381,6 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_DAILY_BUDGET,
         help=f"with --ldp-epsilon: signals per device per day (default: {DEFAULT_DAILY_BUDGET})",
     )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help="folder for each device's persisted privacy budget (default: a temporary folder per run)",
-    )
     p.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
     p.add_argument("--report", type=Path, default=None, help="write the summary as JSON to this file")
     p.add_argument(
@@ -519,8 +512,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--report {args.report}: folder {args.report.parent} does not exist")
     if args.tls_ca is not None and not args.tls_ca.is_file():
         parser.error(f"--tls-ca {args.tls_ca}: no such file")
-    if args.state_dir is not None and not args.state_dir.is_dir():
-        parser.error(f"--state-dir {args.state_dir}: no such folder")
     ldp_options = None
     if args.ldp_epsilon:
         try:
@@ -564,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.tls_ca is None
             else grpc.secure_channel(args.target, TlsOptions.from_files(ca=args.tls_ca).credentials())
         )
-        devices, clients, reports, plans = [], [], [], []
+        devices: list[Device] = []
+        reports, plans = [], []
         for i in range(args.devices):
             region = regions[i % len(regions)]
             profile = profiles[i]
@@ -573,22 +565,18 @@ def main(argv: list[str] | None = None) -> int:
                 if args.per_device
                 else list(queries)
             )
-            ldp = None
-            if ldp_options is not None:
-                state = args.state_dir or Path(tmp)
-                budget = state / f"{profile}.budget.json"
-                ldp = LocalPrivacy(models.policy.interest_ids, ldp_options, budget)
-            devices.append(Pipeline(models, region=region, ldp=ldp))
-            clients.append(
-                DeliveryClient(
+            devices.append(
+                Device(
                     profile,
                     region,
-                    channel=channel,
-                    batch_size=args.batch_size,
-                    timeout_s=args.timeout,
-                    token=None if tokens is None else tokens[profile],
                     outbox=None if args.outbox_dir is None else args.outbox_dir / f"{profile}.db",
-                    max_delay_s=args.max_delay,
+                    channel=channel,
+                    token=None if tokens is None else tokens[profile],
+                    models=models,
+                    ldp=ldp_options,
+                    delivery=DeliveryOptions(
+                        batch_size=args.batch_size, timeout_s=args.timeout, max_delay_s=args.max_delay
+                    ),
                 )
             )
             reports.append(DeviceReport(profile, region))
@@ -606,15 +594,16 @@ def main(argv: list[str] | None = None) -> int:
         ):
             futures = [
                 pool.submit(
-                    run_device, d, c, p, speaker, as_text, r, bar, online_at, args.drain_seconds, args.worker
+                    run_device, d, p, speaker, as_text, r, bar, online_at, args.drain_seconds, args.worker
                 )
-                for d, c, p, r in zip(devices, clients, plans, reports, strict=True)
+                for d, p, r in zip(devices, plans, reports, strict=True)
             ]
             for fut in futures:
                 fut.result()
+        clients = [d.client for d in devices]
         summary = summarize(reports, clients, time.perf_counter() - started, mode, args.ldp_epsilon or None)
-        for client in clients:
-            client.close()
+        for device in devices:
+            device.close()
         channel.close()
     print_summary(summary)
     if args.report is not None:

@@ -20,6 +20,8 @@ __all__ = [
     "REGION_PATTERN",
     "TAXONOMY_VERSION",
     "WEIGHT_LEVELS",
+    "canonical_region",
+    "check_profile_id",
     "date_of",
     "day_number",
     "epsilon_milli",
@@ -47,6 +49,24 @@ MAX_WEIGHT_LEVEL = WEIGHT_LEVELS[-1]
 EPSILON_SCALE = 1000
 #: Above this a randomized response is nearly the truth (k = 89: 99.6% kept); refused as a misconfiguration.
 MAX_EPSILON = 10.0
+
+
+def check_profile_id(profile_id: str) -> str:
+    """``profile_id`` itself when it is well formed, else ``ValueError`` saying what is expected."""
+    if not isinstance(profile_id, str) or not PROFILE_ID_PATTERN.fullmatch(profile_id):
+        raise ValueError(
+            f"profile id {profile_id!r} must be 8 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"
+        )
+    return profile_id
+
+
+def canonical_region(region: str) -> str:
+    """The region as it travels (upper case), or ``ValueError`` when it is not shaped like an ISO 3166-1
+    alpha-2 code. Whether the region may be profiled is the region table's decision, not this one's."""
+    canonical = region.strip().upper() if isinstance(region, str) else ""
+    if not REGION_PATTERN.fullmatch(canonical):
+        raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
+    return canonical
 
 
 def day_number(date: dt.date) -> int:

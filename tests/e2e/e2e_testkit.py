@@ -6,12 +6,12 @@ import contextlib
 import os
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.harness import issue_tokens, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -28,58 +28,20 @@ class Aggregator:
     admin_token_file: Path
 
 
-def _issue(db: Path, *args: str) -> str:
-    issued = subprocess.run(
-        [sys.executable, "-m", "sotto.server", "token", "issue", "--db", f"sqlite:///{db}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if issued.returncode != 0:
-        raise RuntimeError(f"token issue failed: {issued.stderr}")
-    return issued.stdout
-
-
 @contextlib.contextmanager
 def aggregator(db: Path, devices: list[str], *extra: str) -> Iterator[Aggregator]:
-    """Issue tokens for ``devices`` and an admin, run `python -m server serve` on a free loopback port and
-    yield it; SIGTERM it after."""
+    """Issue tokens for ``devices`` and an admin, run `python -m sotto.server serve` on a free loopback
+    port and yield it; SIGTERM it after."""
+    url = f"sqlite:///{db}"
     token_file = db.with_name("tokens.json")
-    token_file.write_text(_issue(db, *devices))
+    token_file.write_text(issue_tokens(url, *devices))
     admin_token_file = db.with_name("admin.token")
-    admin_token_file.write_text(_issue(db, "--admin"))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--db",
-            f"sqlite:///{db}",
-            "--listen",
-            "127.0.0.1:0",
-            *extra,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    admin_token_file.write_text(issue_tokens(url, "--admin"))
+    proc, target = start_server(url, *extra)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("listening on "):
-            proc.kill()
-            raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-        yield Aggregator(line.split("listening on ", 1)[1].strip(), token_file, admin_token_file)
+        yield Aggregator(target, token_file, admin_token_file)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 class CaptureProxy:

@@ -106,7 +106,7 @@ def run(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
                 [
                     sys.executable,
                     "-m",
-                    "server",
+                    "sotto.server",
                     "profile",
                     "--target",
                     server.target,

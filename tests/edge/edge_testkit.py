@@ -176,7 +176,7 @@ def load_allowlist() -> dict[str, AllowedField]:
 
 
 def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m edge analyze ARGS`` as a real process, from outside the source tree."""
+    """``python -m sotto.edge analyze ARGS`` as a real process, from outside the source tree."""
     return subprocess.run(
         [sys.executable, "-m", "sotto.edge", "analyze", *(os.fspath(a) for a in args)],
         capture_output=True,

@@ -1,4 +1,4 @@
-"""edge.asr with the real faster-whisper tiny.en: transcripts, and refusing models that are not pinned."""
+"""sotto.edge.asr with the real faster-whisper tiny.en: transcripts, and refusing unpinned models."""
 
 from __future__ import annotations
 

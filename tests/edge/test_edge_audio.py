@@ -1,4 +1,4 @@
-"""edge.audio: files of any rate/channel count and raw firmware PCM become 16 kHz mono float32."""
+"""sotto.edge.audio: files of any rate/channel count and raw firmware PCM become 16 kHz mono float32."""
 
 from __future__ import annotations
 

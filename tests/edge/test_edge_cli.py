@@ -1,4 +1,4 @@
-"""`python -m edge analyze` as a real process: the JSON-lines contract and its exit codes."""
+"""`python -m sotto.edge analyze` as a real process: the JSON-lines contract and its exit codes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""edge.client against the real aggregator (server/) running in a background thread."""
+"""sotto.edge.client against the real aggregator (server/) running in a background thread."""
 
 from __future__ import annotations
 

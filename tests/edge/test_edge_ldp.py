@@ -1,4 +1,4 @@
-"""edge.ldp: randomized response over the allowed categories, the persisted daily budget, and the
+"""sotto.edge.ldp: randomized response over the allowed categories, the persisted daily budget, and the
 de-biasing the aggregator applies, checked on simulated populations (seeded, so deterministic)."""
 
 from __future__ import annotations

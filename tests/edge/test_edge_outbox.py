@@ -1,4 +1,4 @@
-"""edge.outbox: durability, stable batches, bounds, integrity recovery, purge, the ledger."""
+"""sotto.edge.outbox: durability, stable batches, bounds, integrity recovery, purge, the ledger."""
 
 from __future__ import annotations
 

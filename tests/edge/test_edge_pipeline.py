@@ -1,4 +1,4 @@
-"""edge.classifier and edge.pipeline with the real shipped model: what a query turns into."""
+"""sotto.edge.classifier and sotto.edge.pipeline with the real shipped model: what a query turns into."""
 
 from __future__ import annotations
 

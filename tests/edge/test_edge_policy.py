@@ -1,4 +1,4 @@
-"""edge.policy: the sensitive list (with subtrees), the region table (with dates) and refusing bad files."""
+"""sotto.policy: the sensitive list (with subtrees), the region table (with dates) and refusing bad files."""
 
 from __future__ import annotations
 

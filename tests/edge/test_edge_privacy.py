@@ -1,4 +1,4 @@
-"""edge.privacy: the filter between the classifier and the outbox, on hand-made classifier outputs."""
+"""sotto.edge.privacy: the filter between the classifier and the outbox, on hand-made classifier outputs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""edge.signals and the sotto.v1 wire contract: what a batch carries, its size, and nothing else."""
+"""sotto.edge.signals and the sotto.v1 wire contract: what a batch carries, its size, and nothing else."""
 
 from __future__ import annotations
 

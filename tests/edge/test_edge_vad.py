@@ -1,4 +1,4 @@
-"""edge.vad with the real Silero model: only speech may reach ASR (tiny Whisper invents text otherwise)."""
+"""sotto.edge.vad with the real Silero model: only speech may reach ASR (tiny Whisper invents text)."""
 
 from __future__ import annotations
 

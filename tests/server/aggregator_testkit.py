@@ -4,13 +4,8 @@ credentials, a test certificate authority, and running servers (in process or as
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
-import re
-import select
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
@@ -18,10 +13,6 @@ from pathlib import Path
 
 import grpc
 import psycopg
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sotto.server import ServerConfig, Store, create_server, open_store
 from sotto.server.auth import admin_credential, device_credential, new_token
@@ -156,81 +147,6 @@ async def issue_admin_token(store: Store) -> str:
     return token
 
 
-# --- a certificate authority for TLS tests ---------------------------------------------------------------
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-class TestCA:
-    """A throwaway CA issuing server and client certificates (ECDSA P-256, valid for a day)."""
-
-    __test__ = False  # not a pytest class
-
-    def __init__(self, name: str = "Sotto test CA") -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert_pem = self._sign(self._name, self._key.public_key(), ca=True)
-
-    def _sign(
-        self,
-        subject: x509.Name,
-        public_key: ec.EllipticCurvePublicKey,
-        ca: bool = False,
-        names: list[x509.GeneralName] | None = None,
-    ) -> bytes:
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self._name)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, common_name: str, names: list[x509.GeneralName]) -> tuple[bytes, bytes]:
-        """A new key and certificate: (key PEM, certificate PEM)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        return _pem_key(key), self._sign(subject, key.public_key(), names=names)
-
-    def server_pair(self) -> tuple[bytes, bytes]:
-        """Key and certificate for ``localhost`` and ``127.0.0.1``."""
-        return self.issue(
-            "localhost",
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        )
-
-    def device_pair(self, profile_id: str | None = PROFILE) -> tuple[bytes, bytes]:
-        """Key and certificate of a device bound to ``profile_id`` (None: a certificate naming none)."""
-        names: list[x509.GeneralName] = [x509.DNSName("device.invalid")]
-        if profile_id is not None:
-            names.append(x509.UniformResourceIdentifier(f"urn:sotto:profile:{profile_id}"))
-        return self.issue("sotto device", names)
-
-    def write(self, folder: Path) -> dict[str, Path]:
-        """ca.pem, server.pem and server.key in ``folder``; returns their paths by stem."""
-        key, cert = self.server_pair()
-        paths = {
-            "ca": folder / "ca.pem",
-            "server": folder / "server.pem",
-            "server_key": folder / "server.key",
-        }
-        paths["ca"].write_bytes(self.cert_pem)
-        paths["server"].write_bytes(cert)
-        paths["server_key"].write_bytes(key)
-        return paths
-
-
 # --- running servers -------------------------------------------------------------------------------------
 
 
@@ -272,45 +188,3 @@ async def running(
             await server.stop(None)
     finally:
         await store.close()
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The next stdout line of ``proc``, failing the test when none comes within ``timeout`` seconds."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"no output within {timeout}s; stderr: {proc.stderr.read() if proc.stderr else ''}"
-    return proc.stdout.readline()
-
-
-def start_server(db_url: str, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen[str], str]:
-    """``python -m server serve`` on a free loopback port: the process and its ``127.0.0.1:PORT``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sotto.server", "serve", "--listen", "127.0.0.1:0", "--db", db_url, *extra],
-        cwd=cwd or REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = read_line(proc, timeout=60)
-    match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
-    if not match:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-    return proc, f"127.0.0.1:{match.group(1)}"
-
-
-def stop_server(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM ``proc`` (SIGKILL if it hangs), close its pipes; returns its stderr."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    err = proc.stderr.read() if proc.stderr else ""
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    return err

@@ -18,7 +18,6 @@ from aggregator_testkit import (
     PROFILE,
     TODAY_DAY,
     Running,
-    TestCA,
     bearer,
     dump_tables,
     issue_admin_token,
@@ -35,6 +34,7 @@ from sotto.edge.privacy import Interest
 from sotto.server import ServerConfig, ServerTls, create_server, open_store
 from sotto.server.config import is_loopback
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from tools.harness import ThrowawayCA
 
 Metadata = tuple[tuple[str, str], ...] | None
 #: A call under test: given the running server and the tokens by name, make one call.
@@ -193,18 +193,18 @@ def test_health_needs_no_credential(auth_config: ServerConfig) -> None:
 
 
 @pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return TestCA()
+def ca() -> ThrowawayCA:
+    return ThrowawayCA()
 
 
-def _tls_config(config: ServerConfig, ca: TestCA, mutual: bool = False) -> ServerConfig:
+def _tls_config(config: ServerConfig, ca: ThrowawayCA, mutual: bool = False) -> ServerConfig:
     key, cert = ca.server_pair()
     tls = ServerTls(certificate_chain=cert, private_key=key, client_ca=ca.cert_pem if mutual else None)
     return dataclasses.replace(config, tls=tls)
 
 
 def test_tls_serves_devices_with_tokens_and_refuses_plaintext(
-    auth_config: ServerConfig, ca: TestCA, db_path: Path
+    auth_config: ServerConfig, ca: ThrowawayCA, db_path: Path
 ) -> None:
     tls = grpc.ssl_channel_credentials(ca.cert_pem)
 
@@ -227,7 +227,7 @@ def test_tls_serves_devices_with_tokens_and_refuses_plaintext(
 
 
 def _stub(
-    port: int, ca: TestCA, pair: tuple[bytes, bytes] | None
+    port: int, ca: ThrowawayCA, pair: tuple[bytes, bytes] | None
 ) -> tuple[grpc.aio.Channel, signals_pb2_grpc.SignalAggregatorStub]:
     key, cert = pair if pair is not None else (None, None)
     channel = grpc.aio.secure_channel(
@@ -237,7 +237,7 @@ def _stub(
 
 
 def test_mutual_tls_binds_the_device_to_the_profile_in_its_certificate(
-    auth_config: ServerConfig, ca: TestCA, db_path: Path
+    auth_config: ServerConfig, ca: ThrowawayCA, db_path: Path
 ) -> None:
     async def scenario() -> None:
         async with running(
@@ -280,13 +280,14 @@ def test_mutual_tls_binds_the_device_to_the_profile_in_its_certificate(
     asyncio.run(scenario())
 
 
-def test_certificate_of_another_ca_is_refused(auth_config: ServerConfig, ca: TestCA) -> None:
-    stranger = TestCA("someone else's CA")
+def test_certificate_of_another_ca_is_refused(auth_config: ServerConfig, ca: ThrowawayCA) -> None:
+    stranger = ThrowawayCA("someone else's CA")
 
     async def scenario() -> grpc.StatusCode:
         async with running("sqlite:///:memory:", _tls_config(auth_config, ca, mutual=True)) as r:
             channel = grpc.aio.secure_channel(
-                f"127.0.0.1:{r.port}", grpc.ssl_channel_credentials(ca.cert_pem, *stranger.device_pair())
+                f"127.0.0.1:{r.port}",
+                grpc.ssl_channel_credentials(ca.cert_pem, *stranger.device_pair(PROFILE)),
             )
             async with channel:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -297,7 +298,7 @@ def test_certificate_of_another_ca_is_refused(auth_config: ServerConfig, ca: Tes
 
 
 def test_device_client_sends_its_token_over_tls_and_deletes_its_profile(
-    auth_config: ServerConfig, ca: TestCA, db_path: Path
+    auth_config: ServerConfig, ca: ThrowawayCA, db_path: Path
 ) -> None:
     async def scenario() -> None:
         async with running(f"sqlite:///{db_path}", _tls_config(auth_config, ca)) as r:

@@ -22,14 +22,10 @@ from aggregator_testkit import (
     ELECTRONICS,
     MUSIC,
     PROFILE,
-    TestCA,
     bearer,
     make_batch,
-    read_line,
     row_counts,
     signal,
-    start_server,
-    stop_server,
 )
 
 from sotto.server import open_store
@@ -37,6 +33,7 @@ from sotto.server.cli import main
 from sotto.server.config import utc_today
 from sotto.v1 import signals_pb2_grpc
 from sotto.wire import day_number
+from tools.harness import ThrowawayCA, read_line, start_server, stop_server
 
 
 def _sotto_server(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -148,7 +145,7 @@ def test_serve_with_tokens_admin_commands_metrics_and_clean_sigterm(tmp_path: Pa
 
 @pytest.mark.e2e
 def test_serve_over_tls(tmp_path: Path) -> None:
-    files = TestCA().write(tmp_path)
+    files = ThrowawayCA().write(tmp_path)
     url = f"sqlite:///{tmp_path / 'sotto.db'}"
     admin_file = tmp_path / "admin.token"
     admin_file.write_text(_issue(url, "--admin", cwd=tmp_path))

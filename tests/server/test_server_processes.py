@@ -20,8 +20,6 @@ from aggregator_testkit import (
     issue_device_token,
     make_batch,
     signal,
-    start_server,
-    stop_server,
 )
 
 from sotto.policy import Policy
@@ -31,6 +29,7 @@ from sotto.server.store import StoredProfile
 from sotto.server.validation import validate_batch
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
+from tools.harness import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
