@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,9 @@ class TfliteRunner:
     signatures (``tokens_16``, ``tokens_32``, ...) that holds the text, zero-padded to that length.
 
     Padding cannot change the result: padded positions are masked out of attention and of the pooling
-    (the export checks every signature against PyTorch at several real lengths). Not thread-safe; each
-    Pipeline owns its classifier.
+    (the export checks every signature against PyTorch at several real lengths). A TFLite interpreter
+    is not thread-safe and ``EdgeModels`` shares one classifier between every ``Pipeline`` (and
+    ``Device``) of a process, so calls take turns on a lock.
     """
 
     def __init__(self, path: Path, threads: int) -> None:
@@ -228,6 +230,7 @@ class TfliteRunner:
         if not runners:
             raise ModelError(f"{path}: no classifier signature (tokens_<L>) in this TFLite file")
         self._interpreter = interpreter  # the runners borrow it
+        self._lock = threading.Lock()
         self._runners = dict(sorted(runners.items()))
         #: Input lengths of the file's signatures, shortest first.
         self.lengths = list(self._runners)
@@ -242,8 +245,9 @@ class TfliteRunner:
         fixed_mask = np.zeros((1, length), dtype=mask_dtype)
         fixed_ids[0, :n] = ids
         fixed_mask[0, :n] = mask
-        out = runner(input_ids=fixed_ids, attention_mask=fixed_mask)
-        return np.asarray(out[TFLITE_OUTPUTS[0]])[0], np.asarray(out[TFLITE_OUTPUTS[1]])[0]
+        with self._lock:  # the outputs live in the interpreter's buffers until the next call: copy them
+            out = runner(input_ids=fixed_ids, attention_mask=fixed_mask)
+            return np.array(out[TFLITE_OUTPUTS[0]])[0], np.array(out[TFLITE_OUTPUTS[1]])[0]
 
 
 class TextClassifier:

@@ -32,6 +32,9 @@ from sotto.edge.outbox import Outbox, OutboxError
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
 from sotto.policy import Policy, PolicyError, models_dir
 
+#: Where the device keeps its outbox unless told otherwise.
+DEFAULT_OUTBOX = Path.home() / ".local" / "share" / "sotto" / "outbox.db"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -117,10 +120,6 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--clear", action="store_true", help="erase the ledger (the wearer's choice)")
     ledger.add_argument("--models", default=None, help="models folder, for category names")
     return parser
-
-
-#: Where the device keeps its outbox unless told otherwise.
-DEFAULT_OUTBOX = Path.home() / ".local" / "share" / "sotto" / "outbox.db"
 
 
 def _ledger(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sotto.edge.asr import sha256_file
 from sotto.edge.classifier import (
     NONE_LABEL,
     ClassifierMeta,
@@ -404,10 +405,6 @@ def pick_threshold(p_sensitive: np.ndarray, emits: np.ndarray, is_sensitive: np.
     return float(min(0.5, at_risk[allowed] * 0.999))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def calibrate_and_describe(
     out: Path,
     tokenizer,
@@ -452,9 +449,9 @@ def calibrate_and_describe(
         "seed": SEED,
         "files": {"onnx": "classifier.onnx", "tflite": "classifier.tflite", "tokenizer": "tokenizer.json"},
         "sha256": {
-            "onnx": sha256(out / "classifier.onnx"),
-            "tflite": sha256(out / "classifier.tflite"),
-            "tokenizer": sha256(out / "tokenizer.json"),
+            "onnx": sha256_file(out / "classifier.onnx"),
+            "tflite": sha256_file(out / "classifier.tflite"),
+            "tokenizer": sha256_file(out / "tokenizer.json"),
         },
     }
     (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -99,7 +99,6 @@ class Category:
     name: str
     parent: str | None
     tier1: str
-    tier1_id: str
 
 
 class Taxonomy:
@@ -123,7 +122,7 @@ class Taxonomy:
                 root = raw[root][0]  # type: ignore[assignment]
                 if root not in raw:
                     raise PolicyError(f"{path}: category {cid} has unknown ancestor {root}")
-            categories[cid] = Category(cid, name, parent, raw[root][1], root)
+            categories[cid] = Category(cid, name, parent, raw[root][1])
         return cls(categories)
 
     def __contains__(self, cid: object) -> bool:

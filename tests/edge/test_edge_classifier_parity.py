@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,24 @@ def test_the_pipeline_decides_the_same_on_both_runtimes() -> None:
         ]
     assert decisions["onnx"] == decisions["tflite"]
     assert any(signals for signals, _ in decisions["onnx"]), "no query produced a signal"
+
+
+def test_one_tflite_classifier_shared_by_threads_gives_what_it_gives_alone() -> None:
+    """``EdgeModels`` shares one classifier between the devices of a process (the emulator runs them on a
+    thread pool): concurrent calls must not mix their inputs or outputs."""
+    classifier = TextClassifier(backend="tflite")
+    texts = [
+        "where can i buy trail running shoes",
+        "book a table for two at an italian restaurant tonight tomorrow or on friday evening please",
+        "set an alarm for seven",
+        "cheap flights to lisbon in may",
+    ] * 25
+    alone = [classifier.probabilities([t]) for t in texts]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda t: classifier.probabilities([t]), texts))
+    for (a_int, a_sen), (t_int, t_sen) in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a_int, t_int)
+        np.testing.assert_array_equal(a_sen, t_sen)
 
 
 def test_tflite_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
