@@ -152,8 +152,8 @@ def tflite_interpreter(path: str | Path, threads: int = 1) -> Any:
             from tflite_runtime.interpreter import Interpreter
         except ImportError:
             raise ModelError(
-                "the tflite classifier backend needs a TFLite runtime: pip install ai-edge-litert "
-                "(or tflite-runtime where no ai-edge-litert wheel exists)"
+                "the tflite classifier backend needs a TFLite runtime: pip install 'sotto[tflite]' "
+                "(ai-edge-litert; or tflite-runtime where no ai-edge-litert wheel exists)"
             ) from None
     try:
         interpreter = Interpreter(model_path=str(path), num_threads=threads)

@@ -49,6 +49,7 @@ from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.policy import Policy
 from sotto.wire import day_number
+from tools.extras import need
 from tools.harness import issue_tokens, start_server, stop_server
 from tools.paths import SPEECH, child_env
 
@@ -1025,6 +1026,7 @@ def _save(fig, ax, path: Path) -> Path:  # type: ignore[no-untyped-def]
 def plot(results: Path, out: Path) -> list[Path]:
     """PNG plots from the JSON results in ``results``: latency vs utterance length, and aggregator
     latency vs load. Returns the files written (a plot whose results are missing is skipped)."""
+    need("matplotlib", "tools", "python -m tools.bench plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -52,6 +52,7 @@ from sotto.edge.device import DeliveryOptions, Device
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels
 from sotto.wire import REGION_PATTERN
+from tools.extras import need
 from tools.paths import SPEECH, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -531,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
 
+    need("tqdm", "tools", "python -m tools.emulate_device")
     from tqdm import tqdm
 
     models = EdgeModels(EdgeConfig(models_dir=args.models))
