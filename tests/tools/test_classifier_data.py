@@ -19,6 +19,10 @@ from tools import modeldata
 ROOT = Path(__file__).resolve().parents[2]
 
 FOLDER = ROOT / "tools" / "data" / "handwritten"
+#: The fourth round, written under the same rules and not yet trained on (tools/data/README.md).
+ROUND4 = ROOT / "tools" / "data" / "round4"
+#: The final-exam set: another brief, another writer; evaluated once, never trained or tuned on.
+EXAM = ROOT / "tools" / "data" / "final_exam" / "final_exam.tsv"
 #: file stem prefix -> (header, label column, allowed labels or None for "interest category ids")
 KINDS: dict[str, tuple[list[str], str, set[str] | None]] = {
     "interest_queries": (["text", "category_id"], "category_id", None),
@@ -47,7 +51,7 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-FILES = sorted(FOLDER.glob("*.tsv"))
+FILES = sorted(FOLDER.glob("*.tsv")) + sorted(ROUND4.glob("*.tsv"))
 
 
 @functools.cache
@@ -90,6 +94,26 @@ def test_no_query_appears_twice_across_files() -> None:
             where.setdefault(_norm(row["text"]), []).append(path.name)
     repeated = {text: files for text, files in where.items() if len(files) > 1}
     assert not repeated, f"{len(repeated)} duplicated queries, e.g. {list(repeated.items())[:5]}"
+
+
+def test_the_final_exam_is_labelled_and_apart_from_the_training_data() -> None:
+    fields, rows = _rows(EXAM)
+    assert fields == ["text", "label", "mixed"]
+    labels = _interest_ids() | {"none"} | {f"sensitive:{c}" for c in SENSITIVE_CLASSES}
+    for i, row in enumerate(rows, start=2):
+        assert row["label"] in labels, f"{EXAM.name}:{i}: unknown label {row['label']!r}"
+        assert row["mixed"] in ("0", "1") and (row["mixed"] == "0" or row["label"].startswith("sensitive:"))
+    per_class = Counter(r["label"] for r in rows if r["label"].startswith("sensitive:"))
+    assert len(rows) >= 1500 and min(per_class[f"sensitive:{c}"] for c in SENSITIVE_CLASSES) >= 45
+    training = {_norm(r["text"]) for path in FILES for r in _rows(path)[1]}
+    copies = [r["text"] for r in rows if _norm(r["text"]) in training]
+    assert not copies, f"final-exam queries also in the training files: {copies[:5]}"
+    assert len({_norm(r["text"]) for r in rows}) == len(rows), "a final-exam query appears twice"
+
+
+def test_the_recipe_never_reads_the_final_exam() -> None:
+    recipe = "\n".join((ROOT / "tools" / name).read_text() for name in ("modeldata.py", "build_models.py"))
+    assert "final_exam" not in recipe
 
 
 def test_every_category_and_class_is_covered() -> None:
