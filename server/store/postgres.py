@@ -99,6 +99,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Profiles marked as minors (an admin's decision); the region table says where that stops signals.
         "CREATE TABLE minors (profile_id TEXT PRIMARY KEY)",
     ),
+    (
+        # Batch ids are unique per profile, not globally: another device sending a batch under a given id
+        # first must neither block the genuine batch nor learn whether the id exists. Every unique key
+        # now includes profile_id, which is also what a store distributed by profile (Citus) requires.
+        "ALTER TABLE batches DROP CONSTRAINT batches_pkey",
+        "ALTER TABLE batches ADD PRIMARY KEY (profile_id, batch_id)",
+        "DROP INDEX batches_by_profile",  # the primary key's prefix serves deletion by profile
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key serialising migrations ("sotto" in ASCII).
@@ -111,7 +119,7 @@ _ROLLBACK_ATTEMPTS = 3
 
 _INSERT_BATCH = (
     "INSERT INTO batches (batch_id, profile_id, digest, base_day) VALUES (%s, %s, %s, %s) "
-    "ON CONFLICT (batch_id) DO NOTHING"
+    "ON CONFLICT (profile_id, batch_id) DO NOTHING"
 )
 _COUNT_BATCH = (
     "INSERT INTO profiles (profile_id, batches, last_day) VALUES (%s, 1, %s) ON CONFLICT (profile_id) "
@@ -203,7 +211,10 @@ async def _apply(conn: AsyncConnection, batch: Batch, half_life_days: float) -> 
         await pipeline.sync()
         if cursor.rowcount == 0:
             row = await (
-                await conn.execute("SELECT digest FROM batches WHERE batch_id = %s", (batch.batch_id,))
+                await conn.execute(
+                    "SELECT digest FROM batches WHERE profile_id = %s AND batch_id = %s",
+                    (batch.profile_id, batch.batch_id),
+                )
             ).fetchone()
             # row is None when the profile was deleted between the two statements: apply nothing then.
             if row is not None and bytes(row[0]) != batch.digest:

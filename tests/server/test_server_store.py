@@ -27,6 +27,7 @@ from sotto.server import ServerConfig, open_store
 from sotto.server.auth import admin_credential, device_credential, hash_token
 from sotto.server.decay import increment
 from sotto.server.store import (
+    BatchConflictError,
     Credential,
     HalfLifeMismatchError,
     PurgeResult,
@@ -107,7 +108,7 @@ def test_new_database_records_schema_version_and_half_life(db_url: str) -> None:
 
     asyncio.run(create())
     tables = dump_tables(db_url)
-    assert tables["schema_version"] == [(3,)]
+    assert tables["schema_version"] == [(4,)]
     assert tables["meta"] == [("half_life_days", "21.5")]
     assert set(tables) == {
         "schema_version",
@@ -199,14 +200,21 @@ def test_version_1_database_is_migrated_on_open(db_url: str, config: ServerConfi
             assert profile.last_days == {MUSIC: TODAY_DAY - 1}
             await store.add_credential(device_credential("sotto_token", PROFILE))
             await store.apply_batch(validate_batch(make_batch(), config))
+            # Version 4 keys batch ids per profile: the ids kept from version 1 still refuse a reuse by
+            # their own profile, and no longer by another one.
+            with pytest.raises(BatchConflictError):
+                await store.apply_batch(validate_batch(make_batch(batch_id=bytes(16)), config))
+            other = validate_batch(make_batch(profile_id=OTHER, batch_id=bytes(16)), config)
+            assert not (await store.apply_batch(other)).duplicate
         finally:
             await store.close()
 
     asyncio.run(scenario())
     tables = dump_tables(db_url)
-    assert tables["schema_version"] == [(3,)]
-    assert [row[1:] for row in tables["profiles"]] == [(3, TODAY_DAY)]
+    assert tables["schema_version"] == [(4,)]
+    assert sorted(row[1:] for row in tables["profiles"]) == [(1, TODAY_DAY), (3, TODAY_DAY)]
     assert len(tables["credentials"]) == 1
+    assert len(tables["batches"]) == 4
 
 
 def test_newer_schema_is_refused(db_url: str) -> None:
@@ -217,7 +225,7 @@ def test_newer_schema_is_refused(db_url: str) -> None:
     else:
         with closing(sqlite3.connect(sqlite_path(db_url))) as conn, conn:
             conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 3"):
+    with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 4"):
         asyncio.run(_open_and_close(db_url))
 
 
@@ -232,7 +240,7 @@ def test_processes_starting_together_migrate_once(postgres_url: str) -> None:
             await store.close()
 
     asyncio.run(scenario())
-    assert dump_tables(postgres_url)["schema_version"] == [(3,)]
+    assert dump_tables(postgres_url)["schema_version"] == [(4,)]
 
 
 def test_foreign_sqlite_database_is_refused(db_path: Path) -> None:
