@@ -20,7 +20,7 @@ from sotto.server.admin import AdminConnection
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.config import ServerConfig, ServerTls
 from sotto.server.service import create_server
-from sotto.server.store import StoreError, open_store
+from sotto.server.store import Role, Store, StoreError, open_store
 from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
@@ -376,6 +376,20 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+async def _warn_without_device_tokens(store: Store) -> None:
+    """Say loudly when no device could authenticate: most often the store URL points to a new, empty
+    database (a typo in a SQLite path creates one) rather than to the one the tokens were issued in."""
+    if await store.count_credentials(Role.DEVICE):
+        return
+    message = (
+        "the store holds no device token, so every device is refused until one is issued "
+        "(sotto-server token issue --db URL PROFILE_ID); if tokens were issued, check that --db names "
+        "that database: a new, empty one is created at any other SQLite path"
+    )
+    logging.getLogger("sotto.server.cli").warning("event=no_device_tokens %s", message)
+    print(f"sotto-server: warning: {message}", file=sys.stderr, flush=True)
+
+
 async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -383,6 +397,8 @@ async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     store = await open_store(args.db, args.half_life_days)
     try:
+        if config.tls is None or config.tls.client_ca is None:
+            await _warn_without_device_tokens(store)
         server, port = await create_server(args.listen, store, config)
         exporter = None
         try:

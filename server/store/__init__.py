@@ -5,7 +5,9 @@ sqlite:////var/lib/sotto.db absolute path
 sqlite:///:memory:          in memory (tests)
 /var/lib/sotto.db           a bare path means SQLite
 postgresql://USER:PASSWORD@HOST:5432/DBNAME?sslmode=verify-full
-                            PostgreSQL (libpq URL; needs the `postgres` extra: psycopg 3 and psycopg_pool)
+postgres://USER:PASSWORD@HOST:5432/DBNAME
+                            PostgreSQL (any libpq URL, either scheme; needs the `postgres` extra: psycopg 3
+                            and psycopg_pool)
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ async def _open_postgresql(url: str, half_life_days: float | None) -> Store:
     missing = [name for name in ("psycopg", "psycopg_pool") if importlib.util.find_spec(name) is None]
     if missing:
         raise StoreConfigError(
-            f"postgresql:// stores need {' and '.join(missing)}: pip install 'sotto[postgres]'"
+            f"PostgreSQL stores need {' and '.join(missing)}: pip install 'sotto[postgres]'"
         )
     from sotto.server.store.postgres import PostgresStore
 
@@ -93,6 +95,7 @@ async def _open_postgresql(url: str, half_life_days: float | None) -> Store:
 _OPENERS: dict[str, Opener] = {
     "sqlite": _open_sqlite,
     "postgresql": _open_postgresql,
+    "postgres": _open_postgresql,  # libpq accepts both spellings
 }
 
 

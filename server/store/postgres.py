@@ -347,6 +347,12 @@ async def _find_credential(conn: AsyncConnection, token_sha256: bytes) -> Creden
     return None if row is None else Credential(token_sha256, Role(row[0]), row[1])
 
 
+async def _count_credentials(conn: AsyncConnection, role: Role) -> int:
+    cursor = await conn.execute("SELECT count(*) FROM credentials WHERE role = %s", (role.value,))
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def _revoke(conn: AsyncConnection, profile_id: str | None) -> int:
     if profile_id is None:
         cursor = await conn.execute("DELETE FROM credentials WHERE role = 'admin'")
@@ -475,6 +481,10 @@ class PostgresStore:
     async def find_credential(self, token_sha256: bytes) -> Credential | None:
         """The credential with this token hash, or None."""
         return await self._run(lambda conn: _find_credential(conn, token_sha256))
+
+    async def count_credentials(self, role: Role) -> int:
+        """How many credentials of ``role`` are stored."""
+        return await self._run(lambda conn: _count_credentials(conn, role))
 
     async def revoke_credentials(self, profile_id: str | None) -> int:
         """Remove the profile's device credentials, or every admin credential for None."""

@@ -380,6 +380,11 @@ def _find_credential(conn: sqlite3.Connection, token_sha256: bytes) -> Credentia
     return None if row is None else Credential(token_sha256, Role(row[0]), row[1])
 
 
+def _count_credentials(conn: sqlite3.Connection, role: Role) -> int:
+    (count,) = conn.execute("SELECT count(*) FROM credentials WHERE role = ?", (role.value,)).fetchone()
+    return int(count)
+
+
 def _revoke(conn: sqlite3.Connection, profile_id: str | None) -> int:
     with _transaction(conn, "IMMEDIATE"):
         if profile_id is None:
@@ -605,6 +610,10 @@ class SQLiteStore:
     async def find_credential(self, token_sha256: bytes) -> Credential | None:
         """The credential with this token hash, or None."""
         return await self._read(lambda conn: _find_credential(conn, token_sha256))
+
+    async def count_credentials(self, role: Role) -> int:
+        """How many credentials of ``role`` are stored."""
+        return await self._read(lambda conn: _count_credentials(conn, role))
 
     async def revoke_credentials(self, profile_id: str | None) -> int:
         """Remove the profile's device credentials, or every admin credential for None."""

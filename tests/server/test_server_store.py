@@ -412,6 +412,10 @@ def test_credentials_are_found_by_hash_and_revoked(store_url: str) -> None:
             await store.add_credential(device)
             await store.add_credential(device_credential("second-device", PROFILE))
             await store.add_credential(admin)
+            assert (
+                await store.count_credentials(Role.DEVICE),
+                await store.count_credentials(Role.ADMIN),
+            ) == (2, 1)
             assert await store.find_credential(hash_token("device-token")) == Credential(
                 hash_token("device-token"), Role.DEVICE, PROFILE
             )
@@ -423,6 +427,10 @@ def test_credentials_are_found_by_hash_and_revoked(store_url: str) -> None:
             assert await store.find_credential(admin.token_sha256) == admin
             assert await store.revoke_credentials(None) == 1
             assert await store.find_credential(admin.token_sha256) is None
+            assert (
+                await store.count_credentials(Role.DEVICE),
+                await store.count_credentials(Role.ADMIN),
+            ) == (0, 0)
         finally:
             await store.close()
 
@@ -463,3 +471,19 @@ def test_two_stores_on_one_database_apply_each_batch_once(db_url: str, config: S
 
     duplicates = asyncio.run(scenario())
     assert sorted(duplicates) == [False] * len(batches) + [True] * len(batches)
+
+
+def test_postgres_scheme_is_accepted_like_postgresql(postgres_url: str, config: ServerConfig) -> None:
+    """libpq takes ``postgres://`` as well as ``postgresql://``; so does the store."""
+    url = "postgres://" + postgres_url.removeprefix("postgresql://")
+    assert url != postgres_url
+
+    async def scenario() -> None:
+        store = await open_store(url, 30)
+        try:
+            await store.apply_batch(validate_batch(make_batch(), config))
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert row_counts(postgres_url)["batches"] == 1
