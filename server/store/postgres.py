@@ -162,8 +162,16 @@ def describe(url: str) -> str:
     return f"{parts['user']}@{where}" if parts.get("user") else where
 
 
-async def _migrate(conn: AsyncConnection, where: str, half_life_days: float | None) -> float | None:
-    """Bring the schema to ``SCHEMA_VERSION`` and record or check the half-life; returns the half-life."""
+async def _migrate(
+    conn: AsyncConnection,
+    where: str,
+    half_life_days: float | None,
+    migrations: tuple[tuple[str, ...], ...] = MIGRATIONS,
+) -> float | None:
+    """Bring the schema to the version ``migrations`` define (``SCHEMA_VERSION`` by default) and record or
+    check the half-life; returns the half-life. The sharded store migrates its proxy database with a
+    list of its own and every shard with this one."""
+    schema_version = len(migrations)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         exists = await (await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")).fetchone()
@@ -171,18 +179,18 @@ async def _migrate(conn: AsyncConnection, where: str, half_life_days: float | No
         if exists and exists[0]:
             row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
             version = row[0] if row else 0
-        if version > SCHEMA_VERSION:
+        if version > schema_version:
             raise StoreConfigError(
                 f"PostgreSQL database {where} has schema version {version}, newer than this server's "
-                f"{SCHEMA_VERSION}; upgrade the server"
+                f"{schema_version}; upgrade the server"
             )
-        for statements in MIGRATIONS[version:]:
+        for statements in migrations[version:]:
             for statement in statements:
                 await conn.execute(statement)
         if version == 0:
-            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-        elif version < SCHEMA_VERSION:
-            await conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (schema_version,))
+        elif version < schema_version:
+            await conn.execute("UPDATE schema_version SET version = %s", (schema_version,))
         row = await (await conn.execute("SELECT value FROM meta WHERE key = 'half_life_days'")).fetchone()
         if row is None:
             if half_life_days is not None:
@@ -384,6 +392,23 @@ async def _check_if_idle(conn: AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+async def open_pool(url: str) -> AsyncConnectionPool:
+    """The connection pool of a store: autocommit connections, checked when they sat idle."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=POOL_SIZE,
+        open=False,
+        kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+        # A connection that died with a database restart is replaced, not handed out.
+        check=_check_if_idle,
+        reset=_mark_returned,
+        name="sotto",
+    )
+    await pool.open()
+    return pool
+
+
 class PostgresStore:
     """The PostgreSQL backend of ``server.store.Store``; create it with ``await PostgresStore.open(...)``."""
 
@@ -405,19 +430,7 @@ class PostgresStore:
         except psycopg.Error as exc:
             # psycopg's messages name host, port, user and database, never the password.
             raise StoreConfigError(f"cannot use PostgreSQL database {where}: {exc}") from exc
-        pool = AsyncConnectionPool(
-            url,
-            min_size=1,
-            max_size=POOL_SIZE,
-            open=False,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-            # A connection that died with a database restart is replaced, not handed out.
-            check=_check_if_idle,
-            reset=_mark_returned,
-            name="sotto",
-        )
-        await pool.open()
-        return cls(pool, where, recorded)
+        return cls(await open_pool(url), where, recorded)
 
     @property
     def half_life_days(self) -> float:

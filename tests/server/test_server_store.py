@@ -102,12 +102,12 @@ def test_bare_path_is_sqlite(db_path: Path, config: ServerConfig) -> None:
     assert row_counts(db_path)["batches"] == 1
 
 
-def test_new_database_records_schema_version_and_half_life(db_url: str) -> None:
+def test_new_database_records_schema_version_and_half_life(single_db_url: str) -> None:
     async def create() -> None:
-        await (await open_store(db_url, 21.5)).close()
+        await (await open_store(single_db_url, 21.5)).close()
 
     asyncio.run(create())
-    tables = dump_tables(db_url)
+    tables = dump_tables(single_db_url)
     assert tables["schema_version"] == [(4,)]
     assert tables["meta"] == [("half_life_days", "21.5")]
     assert set(tables) == {
@@ -187,11 +187,11 @@ def _create_version_1(db_url: str) -> None:
             conn.execute(sql.format(p="?"), params)
 
 
-def test_version_1_database_is_migrated_on_open(db_url: str, config: ServerConfig) -> None:
-    _create_version_1(db_url)
+def test_version_1_database_is_migrated_on_open(single_db_url: str, config: ServerConfig) -> None:
+    _create_version_1(single_db_url)
 
     async def scenario() -> None:
-        store = await open_store(db_url, 30)
+        store = await open_store(single_db_url, 30)
         try:
             profile = await store.get_profile(PROFILE)
             assert profile is not None
@@ -210,23 +210,23 @@ def test_version_1_database_is_migrated_on_open(db_url: str, config: ServerConfi
             await store.close()
 
     asyncio.run(scenario())
-    tables = dump_tables(db_url)
+    tables = dump_tables(single_db_url)
     assert tables["schema_version"] == [(4,)]
     assert sorted(row[1:] for row in tables["profiles"]) == [(1, TODAY_DAY), (3, TODAY_DAY)]
     assert len(tables["credentials"]) == 1
     assert len(tables["batches"]) == 4
 
 
-def test_newer_schema_is_refused(db_url: str) -> None:
-    asyncio.run(_open_and_close(db_url))
-    if db_url.startswith("postgresql://"):
-        with psycopg.connect(db_url) as conn:
+def test_newer_schema_is_refused(single_db_url: str) -> None:
+    asyncio.run(_open_and_close(single_db_url))
+    if single_db_url.startswith("postgresql://"):
+        with psycopg.connect(single_db_url) as conn:
             conn.execute("UPDATE schema_version SET version = 99")
     else:
-        with closing(sqlite3.connect(sqlite_path(db_url))) as conn, conn:
+        with closing(sqlite3.connect(sqlite_path(single_db_url))) as conn, conn:
             conn.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 4"):
-        asyncio.run(_open_and_close(db_url))
+        asyncio.run(_open_and_close(single_db_url))
 
 
 async def _open_and_close(url: str) -> None:
