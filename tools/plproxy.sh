@@ -24,7 +24,10 @@ cd /  # psql runs as the postgres user, who may not be allowed into the current 
 version="$(pg_lsclusters --no-header | sort -V | tail -n 1 | awk '{print $1}')"
 main_port="$(echo "$MAIN_URL" | sed -E 's#.*:([0-9]+)/[^/]*$#\1#')"
 if [ ! -f "/usr/share/postgresql/$version/extension/plproxy.control" ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-$version-plproxy" >/dev/null
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-$version-plproxy" >/dev/null; then
+    apt-get update -qq >/dev/null  # a clean machine may have no package lists yet
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-$version-plproxy" >/dev/null
+  fi
 fi
 
 sql() {  # PORT DATABASE STATEMENT

@@ -27,11 +27,12 @@ same schema could be distributed by profile id with Citus instead (README: "Runn
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -47,10 +48,12 @@ from sotto.server.store.base import (
     PurgeResult,
     StoreConfigError,
     StoredProfile,
+    StoreError,
     StoreUnavailableError,
 )
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 DEFAULT_CLUSTER = "sotto"
 #: Seconds a proxy waits for a partition's server to accept a connection before answering UNAVAILABLE.
@@ -523,6 +526,21 @@ class PlProxyStore(postgres.PostgresStore):
 # --- administration ------------------------------------------------------------------------------------
 
 
+def _admin(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Database errors of an administration step as ``StoreError`` (psycopg's messages name host, port,
+    user and database, never the password)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except psycopg.Error as exc:
+            raise StoreError(f"sharded store: {exc}") from exc
+
+    return wrapper
+
+
+@_admin
 async def create_cluster(url: str, shard_urls: list[str], partitions: int) -> list[Partition]:
     """Define the cluster of the ``plproxy://`` URL in its proxy database: ``partitions`` (a power of two)
     spread round-robin over the shard databases, in schemas ``CLUSTER_p00`` …; every shard URL must
@@ -558,6 +576,16 @@ async def create_cluster(url: str, shard_urls: list[str], partitions: int) -> li
     return found
 
 
+@_admin
+async def show_cluster(url: str) -> list[Partition]:
+    """The partitions of the cluster of the ``plproxy://`` URL, in order."""
+    proxy_url, cluster = parse_url(url)
+    async with await AsyncConnection.connect(proxy_url, autocommit=True) as conn:
+        partitions, _ = await _cluster(conn, cluster)
+    return partitions
+
+
+@_admin
 async def drop_cluster(url: str) -> None:
     """Drop the cluster definition and every partition's schema with its data (tests, decommissioning)."""
     proxy_url, cluster = parse_url(url)
@@ -575,6 +603,7 @@ async def drop_cluster(url: str) -> None:
 _DATA_TABLES = ("meta", "profiles", "scores", "signal_counts", "batches", "minors", "credentials")
 
 
+@_admin
 async def move_partition(url: str, number: int, shard_url: str) -> Partition:
     """Move partition ``number`` of the cluster to the database at ``shard_url`` (a new schema there).
 
@@ -638,6 +667,7 @@ async def move_partition(url: str, number: int, shard_url: str) -> Partition:
     return target
 
 
+@_admin
 async def resume_partition(url: str, number: int) -> None:
     """Lift the pause of partition ``number`` (after a move that failed before switching)."""
     proxy_url, _ = parse_url(url)

@@ -9,27 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
 
+import grpc
 import psycopg
 import pytest
 from aggregator_testkit import (
+    ELECTRONICS,
     MUSIC,
     PROFILE,
+    SHARD_CLUSTERS_ENV,
     TEST_PARTITIONS,
+    bearer,
     cells_mentioning,
+    issue_device_token,
     make_batch,
     running,
     sharded_databases,
     signal,
+    start_server,
+    stop_server,
 )
 
 from sotto.server import ServerConfig, open_store
 from sotto.server.auth import device_credential
+from sotto.server.config import utc_today
 from sotto.server.store import StoreConfigError, StoredProfile, StoreUnavailableError
 from sotto.server.store import plproxy as sharded
 from sotto.server.store import postgres as postgres_backend
+from sotto.server.store.postgres import scratch_schema
 from sotto.server.validation import validate_batch
-from sotto.v1 import signals_pb2
+from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import day_number
 
 PROFILES = [f"device_{n:05d}" for n in range(24)]
 
@@ -200,3 +218,198 @@ def test_cluster_definitions_are_checked(plproxy_server: tuple[str, list[str]]) 
         asyncio.run(sharded.create_cluster(url, shards, 3))
     with pytest.raises(StoreConfigError, match="bad cluster name"):
         asyncio.run(open_store(f"plproxy://{proxy.removeprefix('postgresql://')}?cluster=Bad-Name", 30))
+
+
+# --- faults: one shard server stopped in the middle of a stream -----------------------------------------
+
+
+def _shard_cluster(index: int) -> list[str]:
+    """``[VERSION, NAME]`` of the PostgreSQL cluster serving shard ``index`` (for pg_ctlcluster)."""
+    clusters = os.environ.get(SHARD_CLUSTERS_ENV, "").split()
+    if len(clusters) < 2:
+        pytest.fail(
+            f"${SHARD_CLUSTERS_ENV} must name the two shard clusters (tools/plproxy.sh)", pytrace=False
+        )
+    return clusters[index].split("/", 1)
+
+
+def _pg_ctlcluster(action: str, cluster: list[str]) -> None:
+    done = subprocess.run(["pg_ctlcluster", *cluster, action], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.e2e
+def test_a_stopped_shard_refuses_its_profiles_only_and_resends_apply_once(
+    plproxy_url: str, config: ServerConfig
+) -> None:
+    """Shard 1's server stops mid-stream: batches of profiles on shard 0 keep being applied, those on
+    shard 1 get UNAVAILABLE with nothing written; once it is back, the resends are applied once."""
+    down = _shard_cluster(1)
+    # Partitions go round-robin over the two shards: odd partitions are on shard 1.
+    on_down = {p for p in PROFILES if partition_of(plproxy_url, p) % 2 == 1}
+    assert on_down and on_down != set(PROFILES)
+    today = day_number(utc_today())
+    rng = random.Random(5)
+    batches = [
+        make_batch(
+            [signal(rng.choice((MUSIC, ELECTRONICS)), rng.randint(1, 4), rng.randint(0, 5))],
+            profile_id=PROFILES[n % len(PROFILES)],
+            base_day=today,
+            batch_id=rng.randbytes(16),
+        )
+        for n in range(240)
+    ]
+
+    async def issue() -> dict[str, str]:
+        store = await open_store(plproxy_url, 30)
+        try:
+            return {p: await issue_device_token(store, p) for p in PROFILES}
+        finally:
+            await store.close()
+
+    tokens = asyncio.run(issue())
+    outcomes: dict[bytes, grpc.StatusCode] = {}
+    answered = threading.Semaphore(0)
+
+    def stream(stub: signals_pb2_grpc.SignalAggregatorStub) -> None:
+        for batch in batches:
+            try:
+                stub.Ingest(batch, timeout=30, metadata=bearer(tokens[batch.profile_id]))
+                outcomes[batch.batch_id] = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                outcomes[batch.batch_id] = exc.code()  # type: ignore[attr-defined]
+            answered.release()
+
+    server, target = start_server(plproxy_url, "--rate-burst", "100000")
+    stopped = False
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = signals_pb2_grpc.SignalAggregatorStub(channel)
+            sender = threading.Thread(target=stream, args=(stub,))
+            sender.start()
+            for _ in range(60):
+                assert answered.acquire(timeout=60), "the stream stalled"
+            _pg_ctlcluster("stop", down)
+            stopped = True
+            for _ in range(120):  # the stream goes on while the shard is down
+                assert answered.acquire(timeout=60), "the stream stalled"
+            _pg_ctlcluster("start", down)
+            stopped = False
+            sender.join(120)
+            assert not sender.is_alive()
+
+            refused = [b for b in batches if outcomes[b.batch_id] != grpc.StatusCode.OK]
+            assert refused, "stopping the shard refused nothing"
+            assert {outcomes[b.batch_id] for b in refused} == {grpc.StatusCode.UNAVAILABLE}
+            assert {b.profile_id for b in refused} <= on_down  # the other shard's profiles never failed
+
+            # The devices resend what was refused (and a few acknowledged ones): each applied once.
+            resend = refused + [b for b in batches if outcomes[b.batch_id] == grpc.StatusCode.OK][::9]
+            replies: dict[bytes, signals_pb2.IngestResponse] = {}
+            for batch in resend:
+                for _attempt in range(50):  # the first calls after the restart may still find it starting
+                    try:
+                        replies[batch.batch_id] = stub.Ingest(
+                            batch, timeout=30, metadata=bearer(tokens[batch.profile_id])
+                        )
+                        break
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                        time.sleep(0.2)
+                else:
+                    pytest.fail("a resend was never accepted after the shard came back")
+    finally:
+        if stopped:
+            _pg_ctlcluster("start", down)
+        err = stop_server(server)
+    assert all(replies[b.batch_id].duplicate for b in resend if outcomes[b.batch_id] == grpc.StatusCode.OK)
+    # Refused means nothing written (at most the one call in flight when the server stopped may have
+    # committed without its acknowledgement reaching the proxy).
+    assert sum(replies[b.batch_id].duplicate for b in refused) <= 1, err
+
+    async def stored() -> dict[str, StoredProfile | None]:
+        store = await open_store(plproxy_url, 30)
+        try:
+            return {p: await store.get_profile(p) for p in PROFILES}
+        finally:
+            await store.close()
+
+    async def expected() -> dict[str, StoredProfile | None]:
+        store = await open_store("sqlite:///:memory:", 30)
+        try:
+            for batch in batches:
+                await store.apply_batch(validate_batch(batch, dataclasses.replace(config, clock=utc_today)))
+            return {p: await store.get_profile(p) for p in PROFILES}
+        finally:
+            await store.close()
+
+    got, want = asyncio.run(stored()), asyncio.run(expected())
+    for profile in PROFILES:  # nothing lost, nothing doubled
+        a, b = got[profile], want[profile]
+        assert a is not None and b is not None
+        assert (a.batches, a.last_days) == (b.batches, b.last_days), profile
+        assert a.sums == pytest.approx(b.sums, rel=1e-12), profile
+
+
+# --- the admin commands ---------------------------------------------------------------------------------
+
+
+def _sotto_server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sotto.server", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.e2e
+def test_cluster_commands_create_show_and_move(
+    plproxy_server: tuple[str, list[str]], config: ServerConfig
+) -> None:
+    proxy, shards = plproxy_server
+    cluster = f"t_{uuid.uuid4().hex[:12]}"
+    with scratch_schema(proxy, prefix=cluster) as proxy_url:
+        url = f"plproxy://{proxy_url.removeprefix('postgresql://')}&cluster={cluster}"
+        created = _sotto_server("cluster", "create", "--db", url, "--partitions", "4", *shards)
+        try:
+            assert created.returncode == 0, created.stderr
+            partitions = json.loads(created.stdout)["partitions"]
+            assert [(p["partition"], p["schema"]) for p in partitions] == [
+                (n, f"{cluster}_p{n:02d}") for n in range(4)
+            ]
+            assert all("password" not in p["connstr"] for p in partitions)  # it is in the user mapping
+            # The tables appear when a store first opens the cluster: `token issue` does here.
+            issued = _sotto_server("token", "issue", "--db", url, PROFILE)
+            assert issued.returncode == 0, issued.stderr
+            moved = partition_of(url, PROFILE)
+
+            async def apply() -> StoredProfile | None:
+                store = await open_store(url, 30)
+                try:
+                    await store.apply_batch(validate_batch(make_batch(), config))
+                    return await store.get_profile(PROFILE)
+                finally:
+                    await store.close()
+
+            before = asyncio.run(apply())
+            shown = _sotto_server("cluster", "show", "--db", url)
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout)["partitions"] == partitions
+
+            move = _sotto_server("cluster", "move", "--db", url, "--partition", str(moved), "--to", shards[0])
+            assert move.returncode == 0, move.stderr
+            assert json.loads(move.stdout)["moved"] == moved
+            shown = json.loads(_sotto_server("cluster", "show", "--db", url).stdout)["partitions"]
+            assert shown[moved]["schema"] == json.loads(move.stdout)["schema"] != partitions[moved]["schema"]
+
+            async def read() -> StoredProfile | None:
+                store = await open_store(url, 30)
+                try:
+                    return await store.get_profile(PROFILE)
+                finally:
+                    await store.close()
+
+            assert asyncio.run(read()) == before
+            bad = _sotto_server("cluster", "create", "--db", url, "--partitions", "3", *shards)
+            assert (bad.returncode, "power of two" in bad.stderr) == (2, True)
+        finally:
+            if created.returncode == 0:
+                asyncio.run(sharded.drop_cluster(url))
