@@ -323,7 +323,9 @@ async def _migrate_partition(conn: AsyncConnection, partition: Partition, half_l
     """Create the partition's schema if needed, migrate it as a PostgreSQL store and (re)create its
     functions, under the store's migration lock."""
     where = f"partition {partition.number}"
-    await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(partition.schema)))
+    async with conn.transaction():  # under the lock: processes starting together create it once
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres._MIGRATION_LOCK,))
+        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(partition.schema)))
     await postgres._migrate(conn, where, half_life)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres._MIGRATION_LOCK,))
@@ -603,13 +605,33 @@ async def drop_cluster(url: str) -> None:
 _DATA_TABLES = ("meta", "profiles", "scores", "signal_counts", "batches", "minors", "credentials")
 
 
+async def _copy_table(old: AsyncConnection, new: AsyncConnection, table: str) -> None:
+    """Stream every row of ``table`` from ``old`` to ``new`` with COPY (binary, columns by name)."""
+    cursor = await old.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position",
+        (table,),
+    )
+    columns = sql.SQL(", ").join(sql.Identifier(row[0]) for row in await cursor.fetchall())
+    name = sql.Identifier(table)
+    async with (
+        old.cursor() as source,
+        new.cursor() as target,
+        source.copy(sql.SQL("COPY {} ({}) TO STDOUT (FORMAT binary)").format(name, columns)) as rows_out,
+        target.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(name, columns)) as rows_in,
+    ):
+        async for chunk in rows_out:
+            await rows_in.write(chunk)
+
+
 @_admin
 async def move_partition(url: str, number: int, shard_url: str) -> Partition:
     """Move partition ``number`` of the cluster to the database at ``shard_url`` (a new schema there).
 
     1. Pause the partition in the proxy: its calls answer UNAVAILABLE (devices resend later).
     2. On the old database, lock its tables against writes; this waits for calls already under way.
-    3. Create and migrate the schema in the new database and copy every row, in one transaction.
+    3. Create and migrate the schema in the new database and stream every row there (COPY), in one
+       transaction.
     4. In one proxy transaction, point the partition at the new schema and lift the pause.
     5. Drop the old schema (still under the lock, so a straggling write fails instead of being lost).
 
@@ -644,18 +666,7 @@ async def move_partition(url: str, number: int, shard_url: str) -> Partition:
                 async with new.transaction():
                     for table in _DATA_TABLES:
                         await new.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
-                        rows = await (
-                            await old.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))
-                        ).fetchall()
-                        if rows:
-                            marks = sql.SQL(", ").join(sql.Placeholder() * len(rows[0]))
-                            async with new.cursor() as cur:
-                                await cur.executemany(
-                                    sql.SQL("INSERT INTO {} VALUES ({})").format(
-                                        sql.Identifier(table), marks
-                                    ),
-                                    rows,
-                                )
+                        await _copy_table(old, new, table)
                 async with proxy.transaction():
                     await proxy.execute(
                         sql.SQL("ALTER SERVER {} OPTIONS (SET {} {})").format(

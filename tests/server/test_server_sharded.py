@@ -413,3 +413,58 @@ def test_cluster_commands_create_show_and_move(
         finally:
             if created.returncode == 0:
                 asyncio.run(sharded.drop_cluster(url))
+
+
+def test_a_partition_moved_under_ingest_loses_and_doubles_nothing(
+    plproxy_url: str, plproxy_server: tuple[str, list[str]], config: ServerConfig
+) -> None:
+    """Batches keep coming while the partition moves: those refused while it is paused are resent after,
+    and every batch counts once."""
+    moved = partition_of(plproxy_url, PROFILES[0])
+    _, shards = plproxy_server
+    profiles = [p for p in PROFILES if partition_of(plproxy_url, p) == moved]
+    batches = [
+        validate_batch(
+            make_batch([signal(MUSIC, 1 + n % 4, n % 5)], profile_id=p, batch_id=bytes([n, i]) * 8), config
+        )
+        for n in range(40)
+        for i, p in enumerate(profiles)
+    ]
+
+    async def scenario() -> tuple[dict[str, StoredProfile | None], int]:
+        store = await open_store(plproxy_url, 30)
+        try:
+            refused: list[int] = []
+
+            async def ingest() -> None:
+                for n, batch in enumerate(batches):
+                    try:
+                        await store.apply_batch(batch)
+                    except StoreUnavailableError:
+                        refused.append(n)
+                    await asyncio.sleep(0)
+
+            await asyncio.gather(ingest(), sharded.move_partition(plproxy_url, moved, shards[1 - moved % 2]))
+            for n in refused:  # the devices resend
+                assert not (await store.apply_batch(batches[n])).duplicate
+            return {p: await store.get_profile(p) for p in profiles}, len(refused)
+        finally:
+            await store.close()
+
+    async def expected() -> dict[str, StoredProfile | None]:
+        store = await open_store("sqlite:///:memory:", 30)
+        try:
+            for batch in batches:
+                await store.apply_batch(batch)
+            return {p: await store.get_profile(p) for p in profiles}
+        finally:
+            await store.close()
+
+    got, refused = asyncio.run(scenario())
+    assert refused, "the move never paused the stream"
+    want = asyncio.run(expected())
+    for profile in profiles:
+        a, b = got[profile], want[profile]
+        assert a is not None and b is not None
+        assert (a.batches, a.last_days) == (b.batches, b.last_days), profile
+        assert a.sums == pytest.approx(b.sums, rel=1e-12), profile

@@ -233,14 +233,19 @@ async def _open_and_close(url: str) -> None:
     await (await open_store(url, 30)).close()
 
 
-def test_processes_starting_together_migrate_once(postgres_url: str) -> None:
+@pytest.mark.parametrize("shared", ["postgres_url", "plproxy_url"], ids=["postgresql", "plproxy"])
+def test_processes_starting_together_migrate_once(shared: str, request: pytest.FixtureRequest) -> None:
+    url = str(request.getfixturevalue(shared))
+
     async def scenario() -> None:
-        stores = await asyncio.gather(*(open_store(postgres_url, 30) for _ in range(4)))
+        stores = await asyncio.gather(*(open_store(url, 30) for _ in range(4)))
         for store in stores:
             await store.close()
 
     asyncio.run(scenario())
-    assert dump_tables(postgres_url)["schema_version"] == [(4,)]
+    # One row per database: the proxy's own schema has one version, every partition the store's.
+    versions = dump_tables(url)["schema_version"]
+    assert versions == ([(1,)] + [(4,)] * 4 if shared == "plproxy_url" else [(4,)])
 
 
 def test_foreign_sqlite_database_is_refused(db_path: Path) -> None:
