@@ -29,6 +29,7 @@ from aggregator_testkit import (
     TEST_PARTITIONS,
     bearer,
     cells_mentioning,
+    issue_admin_token,
     issue_device_token,
     make_batch,
     running,
@@ -260,14 +261,14 @@ def test_a_stopped_shard_refuses_its_profiles_only_and_resends_apply_once(
         for n in range(240)
     ]
 
-    async def issue() -> dict[str, str]:
+    async def issue() -> tuple[dict[str, str], str]:
         store = await open_store(plproxy_url, 30)
         try:
-            return {p: await issue_device_token(store, p) for p in PROFILES}
+            return {p: await issue_device_token(store, p) for p in PROFILES}, await issue_admin_token(store)
         finally:
             await store.close()
 
-    tokens = asyncio.run(issue())
+    tokens, admin = asyncio.run(issue())
     outcomes: dict[bytes, grpc.StatusCode] = {}
     answered = threading.Semaphore(0)
 
@@ -293,6 +294,12 @@ def test_a_stopped_shard_refuses_its_profiles_only_and_resends_apply_once(
             stopped = True
             for _ in range(120):  # the stream goes on while the shard is down
                 assert answered.acquire(timeout=60), "the stream stalled"
+            # A cluster-wide read needs every partition: it is refused, and retryable, meanwhile.
+            with pytest.raises(grpc.RpcError) as info:
+                stub.AudienceSize(
+                    signals_pb2.AudienceSizeRequest(category_id=MUSIC), timeout=30, metadata=bearer(admin)
+                )
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
             _pg_ctlcluster("start", down)
             stopped = False
             sender.join(120)
