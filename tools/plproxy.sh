@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # PostgreSQL servers for the sharded-store tests, from Debian's packages: installs postgresql-15-plproxy,
-# creates (once) and starts two more clusters with pg_createcluster, sotto_shard_a and sotto_shard_b on
-# ports 5433 and 5434, each with a role and database sotto_shard for the partitions, and on the cluster
+# creates (once) and starts two more clusters with pg_createcluster, data_shard_a and data_shard_b on
+# ports 5433 and 5434 (names that sort before "main", so that a script taking the last cluster of
+# pg_lsclusters, as tools/postgres.sh once did, still finds the main one), each with a role and database sotto_shard for the partitions, and on the cluster
 # tools/postgres.sh runs a database sotto_proxy with the plproxy extension, owned by a role sotto_proxy.
 # That role is a superuser: PL/Proxy is an untrusted language, so only a superuser may create the proxy
 # functions (`sotto-server` creates them on start); the proxy database holds no profile data.
@@ -44,7 +45,7 @@ ensure_role_and_db() {  # PORT ROLE DATABASE ROLE_OPTIONS
 
 shard_urls=()
 shard_clusters=()
-for spec in sotto_shard_a:5433 sotto_shard_b:5434; do
+for spec in data_shard_a:5433 data_shard_b:5434; do
   name="${spec%%:*}"
   port="${spec##*:}"
   if ! pg_lsclusters --no-header | awk '{print $1 "/" $2}' | grep -qx "$version/$name"; then

@@ -17,7 +17,7 @@ fi
 cd /  # psql runs as the postgres user, who may not be allowed into the current folder
 
 # The newest cluster, leaving out the two that tools/plproxy.sh creates for the sharded store.
-cluster() { pg_lsclusters --no-header | awk '$2 !~ /^sotto_shard_/' | sort -V | tail -n 1; }
+cluster() { pg_lsclusters --no-header | awk '$2 !~ /^data_shard_/' | sort -V | tail -n 1; }
 if [ -z "$(cluster)" ]; then
   version="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
   pg_createcluster "$version" main 3>&-

@@ -333,16 +333,13 @@ async def _migrate_partition(conn: AsyncConnection, partition: Partition, half_l
             await conn.execute(statement)
 
 
-async def _migrate_proxy(
-    conn: AsyncConnection, where: str, cluster: str, half_life: float | None
-) -> float | None:
-    recorded = await postgres._migrate(conn, where, half_life, PROXY_MIGRATIONS)
+async def _install_proxy_functions(conn: AsyncConnection, cluster: str) -> None:
+    """(Re)create the proxy's functions for ``cluster``, under the store's migration lock."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres._MIGRATION_LOCK,))
         await conn.execute(_PARTITION_OF)
         for signature, result, run_on in _PROXY_FUNCTIONS:
             await conn.execute(_proxy_function(cluster, signature, result, run_on))
-    return recorded
 
 
 def _unavailable_or(exc: psycopg.Error) -> Exception:
@@ -381,7 +378,7 @@ class PlProxyStore(postgres.PostgresStore):
                 for partition in partitions:
                     async with await _connect_partition(partition, mapping) as part:
                         await _migrate_partition(part, partition, recorded)
-                await _migrate_proxy(conn, where, cluster, recorded)
+                await _install_proxy_functions(conn, cluster)
         except psycopg.Error as exc:
             raise StoreConfigError(
                 f"cannot use the sharded store at {where} (cluster {cluster}): {exc}"

@@ -243,11 +243,11 @@ def _pg_ctlcluster(action: str, cluster: list[str]) -> None:
 def test_a_stopped_shard_refuses_its_profiles_only_and_resends_apply_once(
     plproxy_url: str, config: ServerConfig
 ) -> None:
-    """Shard 1's server stops mid-stream: batches of profiles on shard 0 keep being applied, those on
-    shard 1 get UNAVAILABLE with nothing written; once it is back, the resends are applied once."""
-    down = _shard_cluster(1)
-    # Partitions go round-robin over the two shards: odd partitions are on shard 1.
-    on_down = {p for p in PROFILES if partition_of(plproxy_url, p) % 2 == 1}
+    """Shard 0's server stops mid-stream: batches of profiles on shard 1 keep being applied, those on
+    shard 0 get UNAVAILABLE with nothing written; once it is back, the resends are applied once."""
+    down = _shard_cluster(0)
+    # Partitions go round-robin over the two shards: even partitions are on shard 0.
+    on_down = {p for p in PROFILES if partition_of(plproxy_url, p) % 2 == 0}
     assert on_down and on_down != set(PROFILES)
     today = day_number(utc_today())
     rng = random.Random(5)
