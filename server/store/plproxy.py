@@ -353,6 +353,10 @@ def _unavailable_or(exc: psycopg.Error) -> Exception:
     # (remote errors keep their SQLSTATE); a paused partition has its own state.
     if state == _PAUSED or (state == "XX000" and "PL/Proxy" in str(exc) and "REMOTE ERROR" not in str(exc)):
         return StoreUnavailableError(f"sharded store: {exc}")
+    # A call that reached a partition just before a move paused it, and waited there for the move's
+    # lock, finds the old schema dropped: it wrote nothing, and a resend goes to the new place.
+    if state in ("42P01", "42883") and "REMOTE ERROR" in str(exc):
+        return StoreUnavailableError(f"sharded store: the partition moved during the call: {exc}")
     return exc
 
 
