@@ -20,7 +20,7 @@ from sotto.server.admin import AdminConnection
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.config import ServerConfig, ServerTls
 from sotto.server.service import create_server
-from sotto.server.store import StoreError, open_store
+from sotto.server.store import Role, Store, StoreError, open_store
 from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
@@ -333,6 +333,42 @@ def _add_minor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     minor.set_defaults(handler=_minor)
 
 
+def _add_cluster(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cluster = commands.add_parser(
+        "cluster",
+        help="define the sharded store's PL/Proxy cluster, show it, or move a partition",
+        description="The sharded store (--db plproxy://USER:PASSWORD@HOST:PORT/PROXYDB?cluster=NAME): "
+        "create its cluster of partitions over shard databases, show it, move a partition to another "
+        "database (its profiles answer UNAVAILABLE while it moves), or lift the pause a failed move left. "
+        "Prints JSON.",
+    )
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="create the cluster: partitions spread round-robin over the shard databases",
+        formatter_class=_HelpFormatter,
+    )
+    create.add_argument("shard_urls", metavar="SHARD_URL", nargs="+", help="postgresql:// URLs of the shards")
+    create.add_argument("--partitions", type=int, default=8, help="how many partitions (a power of two)")
+    move = actions.add_parser(
+        "move", help="move one partition to another shard database", formatter_class=_HelpFormatter
+    )
+    move.add_argument("--partition", type=int, required=True, help="the partition's number")
+    move.add_argument(
+        "--to", metavar="SHARD_URL", required=True, help="postgresql:// URL of the new database"
+    )
+    resume = actions.add_parser(
+        "resume", help="lift the pause of a partition after a failed move", formatter_class=_HelpFormatter
+    )
+    resume.add_argument("--partition", type=int, required=True, help="the partition's number")
+    show = actions.add_parser(
+        "show", help="the partitions and where they are", formatter_class=_HelpFormatter
+    )
+    for action in (create, move, resume, show):
+        _option(action, "--db", "URL", None, "the sharded store's plproxy:// URL")
+        action.set_defaults(handler=_cluster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sotto-server``."""
     parser = argparse.ArgumentParser(
@@ -345,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin(commands)
     _add_token(commands)
     _add_minor(commands)
+    _add_cluster(commands)
     return parser
 
 
@@ -376,6 +413,20 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+async def _warn_without_device_tokens(store: Store) -> None:
+    """Say loudly when no device could authenticate: most often the store URL points to a new, empty
+    database (a typo in a SQLite path creates one) rather than to the one the tokens were issued in."""
+    if await store.count_credentials(Role.DEVICE):
+        return
+    message = (
+        "the store holds no device token, so every device is refused until one is issued "
+        "(sotto-server token issue --db URL PROFILE_ID); if tokens were issued, check that --db names "
+        "that database: a new, empty one is created at any other SQLite path"
+    )
+    logging.getLogger("sotto.server.cli").warning("event=no_device_tokens %s", message)
+    print(f"sotto-server: warning: {message}", file=sys.stderr, flush=True)
+
+
 async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -383,6 +434,8 @@ async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     store = await open_store(args.db, args.half_life_days)
     try:
+        if config.tls is None or config.tls.client_ca is None:
+            await _warn_without_device_tokens(store)
         server, port = await create_server(args.listen, store, config)
         exporter = None
         try:
@@ -587,3 +640,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
+
+
+# --- the sharded store's cluster ----------------------------------------------------------------------
+
+
+async def _cluster_action(args: argparse.Namespace) -> object:
+    from sotto.server.store import plproxy
+
+    if args.action == "create":
+        partitions = await plproxy.create_cluster(args.db, args.shard_urls, args.partitions)
+    elif args.action == "move":
+        moved = await plproxy.move_partition(args.db, args.partition, args.to)
+        return {"moved": moved.number, "schema": moved.schema, "connstr": moved.connstr}
+    elif args.action == "resume":
+        await plproxy.resume_partition(args.db, args.partition)
+        return {"resumed": args.partition}
+    else:
+        partitions = await plproxy.show_cluster(args.db)
+    return {
+        "partitions": [{"partition": p.number, "schema": p.schema, "connstr": p.connstr} for p in partitions]
+    }
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    try:
+        if not args.db or not args.db.startswith("plproxy://"):
+            raise ValueError("--db must be the sharded store's plproxy:// URL")
+        print(json.dumps(asyncio.run(_cluster_action(args))))
+    except ValueError as exc:  # arguments, URL, cluster definition
+        return _fail(str(exc), EXIT_USAGE)
+    except StoreError as exc:
+        return _fail(str(exc))
+    return 0

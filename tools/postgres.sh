@@ -16,7 +16,8 @@ if [ "$(id -u)" != 0 ] || ! command -v pg_lsclusters >/dev/null 2>&1; then
 fi
 cd /  # psql runs as the postgres user, who may not be allowed into the current folder
 
-cluster() { pg_lsclusters --no-header | sort -V | tail -n 1; }
+# The newest cluster, leaving out the two that tools/plproxy.sh creates for the sharded store.
+cluster() { pg_lsclusters --no-header | awk '$2 !~ /^data_shard_/' | sort -V | tail -n 1; }
 if [ -z "$(cluster)" ]; then
   version="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
   pg_createcluster "$version" main 3>&-

@@ -4,13 +4,23 @@
 #   bash tools/test.sh            # everything
 #   bash tools/test.sh -k edge    # extra arguments go to pytest
 # The PostgreSQL tests use $SOTTO_TEST_POSTGRES_URL when it is set, else the server tools/postgres.sh
-# starts; they fail (never skip) when there is none.
+# starts; the sharded-store tests use $SOTTO_TEST_PLPROXY_URL, $SOTTO_TEST_SHARD_URLS and
+# $SOTTO_TEST_SHARD_CLUSTERS, else the clusters tools/plproxy.sh creates. They fail (never skip) when
+# there is none.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/bootstrap.sh" server,postgres,tools,dev,tflite
 if [ -z "${SOTTO_TEST_POSTGRES_URL:-}" ]; then
   SOTTO_TEST_POSTGRES_URL="$(bash "$ROOT/tools/postgres.sh")"
   export SOTTO_TEST_POSTGRES_URL
+fi
+# The sharded store (PL/Proxy): a proxy database and two more PostgreSQL clusters holding the partitions.
+if [ -z "${SOTTO_TEST_PLPROXY_URL:-}" ]; then
+  plproxy_env="$(bash "$ROOT/tools/plproxy.sh")"
+  while IFS='=' read -r name value; do
+    value="${value#\'}"
+    export "$name=${value%\'}"
+  done <<<"$plproxy_env"
 fi
 PYBIN="${SOTTO_VENV:-$ROOT/.venv}/bin"
 # The TFLite fallback runtime, tflite-runtime 2.14, needs numpy < 2: it gets a small environment of its

@@ -5,7 +5,13 @@ sqlite:////var/lib/sotto.db absolute path
 sqlite:///:memory:          in memory (tests)
 /var/lib/sotto.db           a bare path means SQLite
 postgresql://USER:PASSWORD@HOST:5432/DBNAME?sslmode=verify-full
-                            PostgreSQL (libpq URL; needs the `postgres` extra: psycopg 3 and psycopg_pool)
+postgres://USER:PASSWORD@HOST:5432/DBNAME
+                            PostgreSQL (any libpq URL, either scheme; needs the `postgres` extra: psycopg 3
+                            and psycopg_pool)
+plproxy://USER:PASSWORD@HOST:5432/PROXYDB?cluster=sotto
+                            sharded PostgreSQL: the PL/Proxy proxy database (any libpq parameter besides
+                            `cluster`, the SQL/MED server naming the partitions; see
+                            server/store/plproxy.py and `sotto-server cluster create`)
 """
 
 from __future__ import annotations
@@ -79,20 +85,33 @@ async def _open_sqlite(url: str, half_life_days: float | None) -> Store:
     return await SQLiteStore.open(sqlite_path(url), half_life_days)
 
 
-async def _open_postgresql(url: str, half_life_days: float | None) -> Store:
+async def _check_postgres_extra() -> None:
     missing = [name for name in ("psycopg", "psycopg_pool") if importlib.util.find_spec(name) is None]
     if missing:
         raise StoreConfigError(
-            f"postgresql:// stores need {' and '.join(missing)}: pip install 'sotto[postgres]'"
+            f"PostgreSQL stores need {' and '.join(missing)}: pip install 'sotto[postgres]'"
         )
+
+
+async def _open_postgresql(url: str, half_life_days: float | None) -> Store:
+    await _check_postgres_extra()
     from sotto.server.store.postgres import PostgresStore
 
     return await PostgresStore.open(url, half_life_days)
 
 
+async def _open_plproxy(url: str, half_life_days: float | None) -> Store:
+    await _check_postgres_extra()
+    from sotto.server.store.plproxy import PlProxyStore
+
+    return await PlProxyStore.open(url, half_life_days)
+
+
 _OPENERS: dict[str, Opener] = {
     "sqlite": _open_sqlite,
     "postgresql": _open_postgresql,
+    "postgres": _open_postgresql,  # libpq accepts both spellings
+    "plproxy": _open_plproxy,
 }
 
 

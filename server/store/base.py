@@ -213,6 +213,10 @@ class Store(Protocol):
         """The credential with this token hash, or None."""
         ...
 
+    async def count_credentials(self, role: Role) -> int:
+        """How many credentials of ``role`` are stored."""
+        ...
+
     async def revoke_credentials(self, profile_id: str | None) -> int:
         """Remove every device credential bound to ``profile_id``, or every admin credential for None.
 

@@ -99,6 +99,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Profiles marked as minors (an admin's decision); the region table says where that stops signals.
         "CREATE TABLE minors (profile_id TEXT PRIMARY KEY)",
     ),
+    (
+        # Batch ids are unique per profile, not globally: another device sending a batch under a given id
+        # first must neither block the genuine batch nor learn whether the id exists. Every unique key
+        # now includes profile_id, which is also what a store distributed by profile (Citus) requires.
+        "ALTER TABLE batches DROP CONSTRAINT batches_pkey",
+        "ALTER TABLE batches ADD PRIMARY KEY (profile_id, batch_id)",
+        "DROP INDEX batches_by_profile",  # the primary key's prefix serves deletion by profile
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key serialising migrations ("sotto" in ASCII).
@@ -111,7 +119,7 @@ _ROLLBACK_ATTEMPTS = 3
 
 _INSERT_BATCH = (
     "INSERT INTO batches (batch_id, profile_id, digest, base_day) VALUES (%s, %s, %s, %s) "
-    "ON CONFLICT (batch_id) DO NOTHING"
+    "ON CONFLICT (profile_id, batch_id) DO NOTHING"
 )
 _COUNT_BATCH = (
     "INSERT INTO profiles (profile_id, batches, last_day) VALUES (%s, 1, %s) ON CONFLICT (profile_id) "
@@ -154,8 +162,16 @@ def describe(url: str) -> str:
     return f"{parts['user']}@{where}" if parts.get("user") else where
 
 
-async def _migrate(conn: AsyncConnection, where: str, half_life_days: float | None) -> float | None:
-    """Bring the schema to ``SCHEMA_VERSION`` and record or check the half-life; returns the half-life."""
+async def _migrate(
+    conn: AsyncConnection,
+    where: str,
+    half_life_days: float | None,
+    migrations: tuple[tuple[str, ...], ...] = MIGRATIONS,
+) -> float | None:
+    """Bring the schema to the version ``migrations`` define (``SCHEMA_VERSION`` by default) and record or
+    check the half-life; returns the half-life. The sharded store migrates its proxy database with a
+    list of its own and every shard with this one."""
+    schema_version = len(migrations)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         exists = await (await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")).fetchone()
@@ -163,18 +179,18 @@ async def _migrate(conn: AsyncConnection, where: str, half_life_days: float | No
         if exists and exists[0]:
             row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
             version = row[0] if row else 0
-        if version > SCHEMA_VERSION:
+        if version > schema_version:
             raise StoreConfigError(
                 f"PostgreSQL database {where} has schema version {version}, newer than this server's "
-                f"{SCHEMA_VERSION}; upgrade the server"
+                f"{schema_version}; upgrade the server"
             )
-        for statements in MIGRATIONS[version:]:
+        for statements in migrations[version:]:
             for statement in statements:
                 await conn.execute(statement)
         if version == 0:
-            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-        elif version < SCHEMA_VERSION:
-            await conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (schema_version,))
+        elif version < schema_version:
+            await conn.execute("UPDATE schema_version SET version = %s", (schema_version,))
         row = await (await conn.execute("SELECT value FROM meta WHERE key = 'half_life_days'")).fetchone()
         if row is None:
             if half_life_days is not None:
@@ -203,7 +219,10 @@ async def _apply(conn: AsyncConnection, batch: Batch, half_life_days: float) -> 
         await pipeline.sync()
         if cursor.rowcount == 0:
             row = await (
-                await conn.execute("SELECT digest FROM batches WHERE batch_id = %s", (batch.batch_id,))
+                await conn.execute(
+                    "SELECT digest FROM batches WHERE profile_id = %s AND batch_id = %s",
+                    (batch.profile_id, batch.batch_id),
+                )
             ).fetchone()
             # row is None when the profile was deleted between the two statements: apply nothing then.
             if row is not None and bytes(row[0]) != batch.digest:
@@ -336,6 +355,12 @@ async def _find_credential(conn: AsyncConnection, token_sha256: bytes) -> Creden
     return None if row is None else Credential(token_sha256, Role(row[0]), row[1])
 
 
+async def _count_credentials(conn: AsyncConnection, role: Role) -> int:
+    cursor = await conn.execute("SELECT count(*) FROM credentials WHERE role = %s", (role.value,))
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def _revoke(conn: AsyncConnection, profile_id: str | None) -> int:
     if profile_id is None:
         cursor = await conn.execute("DELETE FROM credentials WHERE role = 'admin'")
@@ -367,6 +392,23 @@ async def _check_if_idle(conn: AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+async def open_pool(url: str) -> AsyncConnectionPool:
+    """The connection pool of a store: autocommit connections, checked when they sat idle."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=POOL_SIZE,
+        open=False,
+        kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+        # A connection that died with a database restart is replaced, not handed out.
+        check=_check_if_idle,
+        reset=_mark_returned,
+        name="sotto",
+    )
+    await pool.open()
+    return pool
+
+
 class PostgresStore:
     """The PostgreSQL backend of ``server.store.Store``; create it with ``await PostgresStore.open(...)``."""
 
@@ -388,19 +430,7 @@ class PostgresStore:
         except psycopg.Error as exc:
             # psycopg's messages name host, port, user and database, never the password.
             raise StoreConfigError(f"cannot use PostgreSQL database {where}: {exc}") from exc
-        pool = AsyncConnectionPool(
-            url,
-            min_size=1,
-            max_size=POOL_SIZE,
-            open=False,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-            # A connection that died with a database restart is replaced, not handed out.
-            check=_check_if_idle,
-            reset=_mark_returned,
-            name="sotto",
-        )
-        await pool.open()
-        return cls(pool, where, recorded)
+        return cls(await open_pool(url), where, recorded)
 
     @property
     def half_life_days(self) -> float:
@@ -464,6 +494,10 @@ class PostgresStore:
     async def find_credential(self, token_sha256: bytes) -> Credential | None:
         """The credential with this token hash, or None."""
         return await self._run(lambda conn: _find_credential(conn, token_sha256))
+
+    async def count_credentials(self, role: Role) -> int:
+        """How many credentials of ``role`` are stored."""
+        return await self._run(lambda conn: _count_credentials(conn, role))
 
     async def revoke_credentials(self, profile_id: str | None) -> int:
         """Remove the profile's device credentials, or every admin credential for None."""

@@ -94,12 +94,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Profiles marked as minors (an admin's decision); the region table says where that stops signals.
         "CREATE TABLE minors (profile_id TEXT PRIMARY KEY) WITHOUT ROWID",
     ),
+    (
+        # Batch ids are unique per profile, not globally: another device sending a batch under a given id
+        # first must neither block the genuine batch nor learn whether the id exists. SQLite cannot change
+        # a primary key in place, so the table is rebuilt (its indexes go with the old table).
+        """CREATE TABLE batches_v4 (
+            profile_id TEXT NOT NULL,
+            batch_id BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            base_day INTEGER NOT NULL,
+            PRIMARY KEY (profile_id, batch_id)
+        ) WITHOUT ROWID""",
+        "INSERT INTO batches_v4 (profile_id, batch_id, digest, base_day) "
+        "SELECT profile_id, batch_id, digest, base_day FROM batches",
+        "DROP TABLE batches",
+        "ALTER TABLE batches_v4 RENAME TO batches",
+        "CREATE INDEX batches_by_base_day ON batches (base_day)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _INSERT_BATCH = (
     "INSERT INTO batches (batch_id, profile_id, digest, base_day) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (batch_id) DO NOTHING"
+    "ON CONFLICT (profile_id, batch_id) DO NOTHING"
 )
 _COUNT_BATCH = (
     "INSERT INTO profiles (profile_id, batches, last_day) VALUES (?, 1, ?) "
@@ -222,7 +239,8 @@ def _apply_in_transaction(conn: sqlite3.Connection, batch: Batch, half_life_days
     ).rowcount
     if not inserted:
         (digest,) = conn.execute(
-            "SELECT digest FROM batches WHERE batch_id = ?", (batch.batch_id,)
+            "SELECT digest FROM batches WHERE profile_id = ? AND batch_id = ?",
+            (batch.profile_id, batch.batch_id),
         ).fetchone()
         if digest != batch.digest:
             raise BatchConflictError("batch id reused with different content")
@@ -360,6 +378,11 @@ def _find_credential(conn: sqlite3.Connection, token_sha256: bytes) -> Credentia
         "SELECT role, profile_id FROM credentials WHERE token_sha256 = ?", (token_sha256,)
     ).fetchone()
     return None if row is None else Credential(token_sha256, Role(row[0]), row[1])
+
+
+def _count_credentials(conn: sqlite3.Connection, role: Role) -> int:
+    (count,) = conn.execute("SELECT count(*) FROM credentials WHERE role = ?", (role.value,)).fetchone()
+    return int(count)
 
 
 def _revoke(conn: sqlite3.Connection, profile_id: str | None) -> int:
@@ -587,6 +610,10 @@ class SQLiteStore:
     async def find_credential(self, token_sha256: bytes) -> Credential | None:
         """The credential with this token hash, or None."""
         return await self._read(lambda conn: _find_credential(conn, token_sha256))
+
+    async def count_credentials(self, role: Role) -> int:
+        """How many credentials of ``role`` are stored."""
+        return await self._read(lambda conn: _count_credentials(conn, role))
 
     async def revoke_credentials(self, profile_id: str | None) -> int:
         """Remove the profile's device credentials, or every admin credential for None."""

@@ -3,21 +3,27 @@ credentials, a test certificate authority, and running servers (in process or as
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+import re
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import grpc
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from sotto.server import ServerConfig, Store, create_server, open_store
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.service import AggregatorServer
 from sotto.server.store import sqlite_path
+from sotto.server.store.plproxy import create_cluster, drop_cluster
 from sotto.server.store.postgres import scratch_schema
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
@@ -85,23 +91,97 @@ def postgres_schema(base_url: str) -> Iterator[str]:
         yield url
 
 
+# --- sharded PostgreSQL (PL/Proxy): one cluster per test -----------------------------------------------
+
+PLPROXY_ENV, SHARDS_ENV, SHARD_CLUSTERS_ENV = (
+    "SOTTO_TEST_PLPROXY_URL",
+    "SOTTO_TEST_SHARD_URLS",
+    "SOTTO_TEST_SHARD_CLUSTERS",
+)
+#: Partitions of a test cluster: several per shard database, as a cluster that can grow has.
+TEST_PARTITIONS = 4
+
+
+def plproxy_servers() -> tuple[str, list[str]]:
+    """The proxy database and the shard databases of the test run (tools/plproxy.sh sets them up)."""
+    proxy, shards = os.environ.get(PLPROXY_ENV), os.environ.get(SHARDS_ENV, "").split()
+    if not proxy or len(shards) < 2:
+        raise RuntimeError(
+            f"${PLPROXY_ENV} and ${SHARDS_ENV} (two shard URLs) are not set: the sharded-store tests need "
+            "a PL/Proxy database and two shard servers (bash tools/test.sh creates, starts and exports them "
+            "through tools/plproxy.sh)"
+        )
+    return proxy, shards
+
+
+@contextmanager
+def plproxy_cluster(proxy: str, shards: list[str], partitions: int = TEST_PARTITIONS) -> Iterator[str]:
+    """A new cluster of ``partitions`` over ``shards`` with a proxy schema of its own; yields its
+    ``plproxy://`` URL, and drops the cluster, its partitions and the proxy schema afterwards."""
+    cluster = f"t_{uuid.uuid4().hex[:12]}"
+    with scratch_schema(proxy, prefix=cluster) as proxy_url:
+        url = f"plproxy://{proxy_url.removeprefix('postgresql://')}&cluster={cluster}"
+        asyncio.run(create_cluster(url, shards, partitions))
+        try:
+            yield url
+        finally:
+            asyncio.run(drop_cluster(url))
+
+
 # --- plain-SQL views of a store, independent of the store code -----------------------------------------
 
 
+def _dump_postgres(conninfo: str) -> dict[str, list[tuple[object, ...]]]:
+    with psycopg.connect(conninfo) as conn:
+        names = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        ).fetchall()
+        return {
+            name: sorted(
+                tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                for row in conn.execute(f"SELECT * FROM {name}").fetchall()
+            )
+            for (name,) in names
+        }
+
+
+def sharded_databases(url: str) -> tuple[str, list[str]]:
+    """The proxy database of a ``plproxy://`` URL and its partitions' connection strings (with the
+    cluster's user mapping), read from the proxy's SQL/MED catalog."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    cluster = dict(query)["cluster"]
+    proxy = urlunsplit(
+        ("postgresql", parts.netloc, parts.path, urlencode([q for q in query if q[0] != "cluster"]), "")
+    )
+    with psycopg.connect(proxy) as conn:
+        row = conn.execute(
+            "SELECT s.srvoptions, m.umoptions FROM pg_foreign_server s "
+            "JOIN pg_user_mappings m ON m.srvid = s.oid WHERE s.srvname = %s",
+            (cluster,),
+        ).fetchone()
+    assert row is not None, f"no cluster {cluster}"
+    login = dict(option.split("=", 1) for option in row[1])
+    partitions = sorted(
+        (int(key[1:]), value)
+        for key, _, value in (o.partition("=") for o in row[0])
+        if re.fullmatch(r"p\d+", key)
+    )
+    return proxy, [make_conninfo(connstr, **login) for _, connstr in partitions]
+
+
 def dump_tables(url: str | Path) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table of the database at ``url`` (SQLite path or URL, or PostgreSQL URL)."""
+    """Every row of every table of the database at ``url`` (SQLite path or URL, or PostgreSQL URL); for
+    a sharded store, the proxy's rows and every partition's, table by table."""
     if isinstance(url, str) and url.startswith("postgresql://"):
-        with psycopg.connect(url) as conn:
-            names = conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
-            ).fetchall()
-            return {
-                name: sorted(
-                    tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
-                    for row in conn.execute(f"SELECT * FROM {name}").fetchall()
-                )
-                for (name,) in names
-            }
+        return _dump_postgres(url)
+    if isinstance(url, str) and url.startswith("plproxy://"):
+        proxy, partitions = sharded_databases(url)
+        merged: dict[str, list[tuple[object, ...]]] = {}
+        for conninfo in (proxy, *partitions):
+            for table, rows in _dump_postgres(conninfo).items():
+                merged[table] = sorted([*merged.get(table, []), *rows], key=repr)
+        return merged
     path = url if isinstance(url, Path) else sqlite_path(url)
     with closing(sqlite3.connect(path)) as conn:
         names = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()

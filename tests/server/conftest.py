@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aggregator_testkit import TODAY, Clock, postgres_base_url, postgres_schema
+from aggregator_testkit import (
+    TODAY,
+    Clock,
+    plproxy_cluster,
+    plproxy_servers,
+    postgres_base_url,
+    postgres_schema,
+)
 
 from sotto.policy import Policy
 from sotto.server import ServerConfig
@@ -59,17 +66,46 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgresql"])
+@pytest.fixture(scope="session")
+def plproxy_server() -> tuple[str, list[str]]:
+    try:
+        return plproxy_servers()
+    except RuntimeError as exc:
+        missing = str(exc)
+    pytest.fail(missing, pytrace=False)
+
+
+@pytest.fixture
+def plproxy_url(plproxy_server: tuple[str, list[str]]) -> Iterator[str]:
+    """The ``plproxy://`` URL of a sharded store of its own: partitions over both test shard servers."""
+    with plproxy_cluster(*plproxy_server) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgresql", "plproxy"])
 def store_url(request: pytest.FixtureRequest, db_path: Path) -> str:
     """Every backend the store tests run against."""
     if request.param == "postgresql":
         return str(request.getfixturevalue("postgres_url"))
+    if request.param == "plproxy":
+        return str(request.getfixturevalue("plproxy_url"))
     return f"sqlite:///{db_path}" if request.param == "sqlite-file" else "sqlite:///:memory:"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "plproxy"])
 def db_url(request: pytest.FixtureRequest, db_path: Path) -> str:
     """Every backend, as a database that outlives the store (for plain-SQL checks and restarts)."""
+    if request.param == "plproxy":
+        return str(request.getfixturevalue("plproxy_url"))
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{db_path}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def single_db_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """The single-database backends, for tests of their schema as such (the sharded store's partitions
+    hold the same schema: ``test_server_sharded.py`` checks that)."""
     if request.param == "postgresql":
         return str(request.getfixturevalue("postgres_url"))
     return f"sqlite:///{db_path}"

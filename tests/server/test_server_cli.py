@@ -382,3 +382,22 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0
     for command in ("serve", "profile", "delete", "audience", "token"):
         assert command in result.stdout
+
+
+def test_serve_warns_loudly_when_the_store_holds_no_device_token(tmp_path: Path) -> None:
+    """A typo in a SQLite path serves a new, empty database: every device would be refused in silence."""
+    issued_in = f"sqlite:///{tmp_path / 'sotto.db'}"
+    device = json.loads(_issue(issued_in, PROFILE, cwd=tmp_path))[PROFILE]
+    assert device.startswith("sotto_")
+    warning = "sotto-server: warning: the store holds no device token"
+
+    typo, _ = start_server(f"sqlite:///{tmp_path / 'sotoo.db'}", cwd=tmp_path)
+    err = stop_server(typo)
+    assert typo.returncode == 0, err
+    assert warning in err  # on stderr as a plain line, whatever the log level
+    assert "level=WARNING logger=sotto.server.cli event=no_device_tokens" in err  # and in the log
+
+    right, _ = start_server(issued_in, cwd=tmp_path)
+    err = stop_server(right)
+    assert right.returncode == 0, err
+    assert "no device token" not in err

@@ -55,7 +55,6 @@ def test_resent_batch_with_signals_reordered_is_a_duplicate(config: ServerConfig
         pytest.param([signal(MUSIC, 4, day_offset=1)], {}, id="day_offset"),
         pytest.param([signal(ELECTRONICS, 4)], {}, id="category"),
         pytest.param([signal(MUSIC, 4), signal(MUSIC, 4)], {}, id="extra-signal"),
-        pytest.param([signal(MUSIC, 4)], {"profile_id": "profile_0002"}, id="profile"),
         pytest.param([signal(MUSIC, 4)], {"region": "CA"}, id="region"),
         pytest.param([signal(MUSIC, 4)], {"base_day": TODAY_DAY - 1}, id="base_day"),
     ],

@@ -90,7 +90,12 @@ def _assert_same_profiles(
         assert a.last_days == b.last_days, profile
 
 
-def test_two_processes_on_one_postgresql_database_equal_one(postgres_url: str) -> None:
+@pytest.mark.parametrize("shared", ["postgres_url", "plproxy_url"], ids=["postgresql", "plproxy"])
+def test_two_processes_on_one_postgresql_database_equal_one(
+    shared: str, request: pytest.FixtureRequest
+) -> None:
+    """Two processes on one PostgreSQL database, or on one sharded store."""
+    postgres_url = str(request.getfixturevalue(shared))
     tokens = asyncio.run(_issue_tokens(postgres_url))
     batches = _batches(120, seed=1)
     first, first_target = start_server(postgres_url, *UNLIMITED)

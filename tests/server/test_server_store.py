@@ -27,6 +27,7 @@ from sotto.server import ServerConfig, open_store
 from sotto.server.auth import admin_credential, device_credential, hash_token
 from sotto.server.decay import increment
 from sotto.server.store import (
+    BatchConflictError,
     Credential,
     HalfLifeMismatchError,
     PurgeResult,
@@ -101,13 +102,13 @@ def test_bare_path_is_sqlite(db_path: Path, config: ServerConfig) -> None:
     assert row_counts(db_path)["batches"] == 1
 
 
-def test_new_database_records_schema_version_and_half_life(db_url: str) -> None:
+def test_new_database_records_schema_version_and_half_life(single_db_url: str) -> None:
     async def create() -> None:
-        await (await open_store(db_url, 21.5)).close()
+        await (await open_store(single_db_url, 21.5)).close()
 
     asyncio.run(create())
-    tables = dump_tables(db_url)
-    assert tables["schema_version"] == [(3,)]
+    tables = dump_tables(single_db_url)
+    assert tables["schema_version"] == [(4,)]
     assert tables["meta"] == [("half_life_days", "21.5")]
     assert set(tables) == {
         "schema_version",
@@ -186,11 +187,11 @@ def _create_version_1(db_url: str) -> None:
             conn.execute(sql.format(p="?"), params)
 
 
-def test_version_1_database_is_migrated_on_open(db_url: str, config: ServerConfig) -> None:
-    _create_version_1(db_url)
+def test_version_1_database_is_migrated_on_open(single_db_url: str, config: ServerConfig) -> None:
+    _create_version_1(single_db_url)
 
     async def scenario() -> None:
-        store = await open_store(db_url, 30)
+        store = await open_store(single_db_url, 30)
         try:
             profile = await store.get_profile(PROFILE)
             assert profile is not None
@@ -199,40 +200,52 @@ def test_version_1_database_is_migrated_on_open(db_url: str, config: ServerConfi
             assert profile.last_days == {MUSIC: TODAY_DAY - 1}
             await store.add_credential(device_credential("sotto_token", PROFILE))
             await store.apply_batch(validate_batch(make_batch(), config))
+            # Version 4 keys batch ids per profile: the ids kept from version 1 still refuse a reuse by
+            # their own profile, and no longer by another one.
+            with pytest.raises(BatchConflictError):
+                await store.apply_batch(validate_batch(make_batch(batch_id=bytes(16)), config))
+            other = validate_batch(make_batch(profile_id=OTHER, batch_id=bytes(16)), config)
+            assert not (await store.apply_batch(other)).duplicate
         finally:
             await store.close()
 
     asyncio.run(scenario())
-    tables = dump_tables(db_url)
-    assert tables["schema_version"] == [(3,)]
-    assert [row[1:] for row in tables["profiles"]] == [(3, TODAY_DAY)]
+    tables = dump_tables(single_db_url)
+    assert tables["schema_version"] == [(4,)]
+    assert sorted(row[1:] for row in tables["profiles"]) == [(1, TODAY_DAY), (3, TODAY_DAY)]
     assert len(tables["credentials"]) == 1
+    assert len(tables["batches"]) == 4
 
 
-def test_newer_schema_is_refused(db_url: str) -> None:
-    asyncio.run(_open_and_close(db_url))
-    if db_url.startswith("postgresql://"):
-        with psycopg.connect(db_url) as conn:
+def test_newer_schema_is_refused(single_db_url: str) -> None:
+    asyncio.run(_open_and_close(single_db_url))
+    if single_db_url.startswith("postgresql://"):
+        with psycopg.connect(single_db_url) as conn:
             conn.execute("UPDATE schema_version SET version = 99")
     else:
-        with closing(sqlite3.connect(sqlite_path(db_url))) as conn, conn:
+        with closing(sqlite3.connect(sqlite_path(single_db_url))) as conn, conn:
             conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 3"):
-        asyncio.run(_open_and_close(db_url))
+    with pytest.raises(StoreConfigError, match="schema version 99, newer than this server's 4"):
+        asyncio.run(_open_and_close(single_db_url))
 
 
 async def _open_and_close(url: str) -> None:
     await (await open_store(url, 30)).close()
 
 
-def test_processes_starting_together_migrate_once(postgres_url: str) -> None:
+@pytest.mark.parametrize("shared", ["postgres_url", "plproxy_url"], ids=["postgresql", "plproxy"])
+def test_processes_starting_together_migrate_once(shared: str, request: pytest.FixtureRequest) -> None:
+    url = str(request.getfixturevalue(shared))
+
     async def scenario() -> None:
-        stores = await asyncio.gather(*(open_store(postgres_url, 30) for _ in range(4)))
+        stores = await asyncio.gather(*(open_store(url, 30) for _ in range(4)))
         for store in stores:
             await store.close()
 
     asyncio.run(scenario())
-    assert dump_tables(postgres_url)["schema_version"] == [(3,)]
+    # One row per database: the proxy's own schema has one version, every partition the store's.
+    versions = dump_tables(url)["schema_version"]
+    assert versions == ([(1,)] + [(4,)] * 4 if shared == "plproxy_url" else [(4,)])
 
 
 def test_foreign_sqlite_database_is_refused(db_path: Path) -> None:
@@ -404,6 +417,10 @@ def test_credentials_are_found_by_hash_and_revoked(store_url: str) -> None:
             await store.add_credential(device)
             await store.add_credential(device_credential("second-device", PROFILE))
             await store.add_credential(admin)
+            assert (
+                await store.count_credentials(Role.DEVICE),
+                await store.count_credentials(Role.ADMIN),
+            ) == (2, 1)
             assert await store.find_credential(hash_token("device-token")) == Credential(
                 hash_token("device-token"), Role.DEVICE, PROFILE
             )
@@ -415,6 +432,10 @@ def test_credentials_are_found_by_hash_and_revoked(store_url: str) -> None:
             assert await store.find_credential(admin.token_sha256) == admin
             assert await store.revoke_credentials(None) == 1
             assert await store.find_credential(admin.token_sha256) is None
+            assert (
+                await store.count_credentials(Role.DEVICE),
+                await store.count_credentials(Role.ADMIN),
+            ) == (0, 0)
         finally:
             await store.close()
 
@@ -455,3 +476,19 @@ def test_two_stores_on_one_database_apply_each_batch_once(db_url: str, config: S
 
     duplicates = asyncio.run(scenario())
     assert sorted(duplicates) == [False] * len(batches) + [True] * len(batches)
+
+
+def test_postgres_scheme_is_accepted_like_postgresql(postgres_url: str, config: ServerConfig) -> None:
+    """libpq takes ``postgres://`` as well as ``postgresql://``; so does the store."""
+    url = "postgres://" + postgres_url.removeprefix("postgresql://")
+    assert url != postgres_url
+
+    async def scenario() -> None:
+        store = await open_store(url, 30)
+        try:
+            await store.apply_batch(validate_batch(make_batch(), config))
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert row_counts(postgres_url)["batches"] == 1
