@@ -147,6 +147,18 @@ def test_scale_measures_cpu_per_signal_for_each_store_and_worker_count(results: 
         assert all(calls > 0 for calls in run["calls_per_worker"])
 
 
+def test_scale_takes_any_store_url_as_it_is(tmp_path: Path) -> None:
+    # The form a sharded store plugs in with (--db sharded=plproxy://...); here a SQLite file.
+    database = tmp_path / "given.db"
+    out = tmp_path / "out"
+    document = smoke(out, "scale", "--db", f"given=sqlite:///{database}", "--workers", "2")
+    assert document["config"]["stores"] == ["given"]
+    [run] = document["results"]["runs"]
+    assert (run["store"], run["workers"], run["errors"]) == ("given", 2, {})
+    assert run["calls"] > 0 and len(run["calls_per_worker"]) == 2
+    assert database.stat().st_size > 0  # the benchmark wrote into the store it was given
+
+
 def test_scale_refuses_bad_worker_counts_and_store_labels(tmp_path: Path) -> None:
     for extra in (("--workers", "0"), ("--workers", "two"), ("--db", "plproxy://host/proxy")):
         proc = run_bench("scale", "--smoke", "--out", str(tmp_path), *extra)
