@@ -153,6 +153,9 @@ def run_workers(args: argparse.Namespace, count: int, target: WorkerTarget, grac
     exporter: MetricsServer | None = None
     workers: list[_Worker] = []
     try:
+        if args.metrics_listen is not None:  # bound before any worker starts: a busy port stops nothing
+            metrics_host, _, metrics_port = args.metrics_listen.rpartition(":")
+            exporter = serve_merged(directory, metrics_host, int(metrics_port))
         with stop.installed():
             context = multiprocessing.get_context("spawn")
             worker_args = argparse.Namespace(
@@ -176,14 +179,15 @@ def run_workers(args: argparse.Namespace, count: int, target: WorkerTarget, grac
                 ",".join(str(w.pid) for w in workers),
             )
             print(f"listening on {host}:{port}", flush=True)
-            if args.metrics_listen is not None:
-                metrics_host, _, metrics_port = args.metrics_listen.rpartition(":")
-                exporter = serve_merged(directory, metrics_host, int(metrics_port))
+            if exporter is not None:
                 print(f"metrics on http://{metrics_host}:{exporter.port}/metrics", flush=True)
             died = _await_stop_or_death(workers, stop)
             return _shutdown(workers, grace_s, directory, failed=1 if died else None)
     finally:
         for worker in workers:
+            if worker.process.is_alive():  # only after an unexpected error here: never leave orphans
+                worker.process.kill()
+                worker.process.join()
             worker.conn.close()
         if exporter is not None:
             exporter.close()

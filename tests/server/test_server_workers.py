@@ -282,3 +282,31 @@ def test_a_worker_that_cannot_start_is_reported_once_with_its_message(tmp_path: 
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error: refusing to serve plaintext on 0.0.0.0:") == 1, proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_busy_metrics_port_stops_the_start_before_any_worker_runs(tmp_path: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sotto.server",
+                "serve",
+                "--db",
+                f"sqlite:///{tmp_path / 'sotto.db'}",
+                "--workers",
+                "2",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr
+    assert "event=workers_started" not in proc.stderr and proc.stdout == ""
