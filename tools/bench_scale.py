@@ -253,7 +253,8 @@ def _load(target: str, tokens: Path, workers: int, args: argparse.Namespace) -> 
         "--warmup",
         str(args.warmup),
         "--channels",
-        str(CONNECTIONS_PER_WORKER * workers),
+        # Devices are spread over the connections in turn: a connection without a device carries nothing.
+        str(min(CONNECTIONS_PER_WORKER * workers, args.devices)),
     ]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=out, stderr=err, text=True)
@@ -310,7 +311,9 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
         raise SystemExit(f"bench: {exc}") from None
     stores = args.store or ([] if extra else ["sqlite"])
     if args.smoke:
-        args = argparse.Namespace(**{**vars(args), "devices": 4, "duration": 1.0, "warmup": 0.3})
+        # Enough devices to keep every connection busy (they are spread over the connections in turn).
+        devices = CONNECTIONS_PER_WORKER * max(counts)
+        args = argparse.Namespace(**{**vars(args), "devices": devices, "duration": 1.0, "warmup": 0.3})
     runs = []
     with tempfile.TemporaryDirectory(prefix="sotto-bench-scale-") as tmp:
         for store in stores:
