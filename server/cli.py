@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 
 import grpc
 from google.protobuf.message import Message
@@ -20,7 +22,7 @@ from sotto.server.admin import AdminConnection
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.config import ServerConfig, ServerTls
 from sotto.server.service import create_server
-from sotto.server.store import Role, Store, StoreError, open_store
+from sotto.server.store import Role, Store, StoreError, open_store, sqlite_path
 from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 
@@ -220,6 +222,15 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "5",
         "time running requests get at shutdown",
         _number(float, 0),
+    )
+    _option(
+        serve,
+        "--workers",
+        "N",
+        "1",
+        "processes serving the same port (SO_REUSEPORT), each with its own event loop and store "
+        "connections; metrics are merged over them",
+        _number(int, 1),
     )
     _option(
         serve, "--log-level", "LEVEL", "INFO", f"one of {', '.join(LOG_LEVELS)}; logs go to stderr", _level
@@ -427,7 +438,10 @@ async def _warn_without_device_tokens(store: Store) -> None:
     print(f"sotto-server: warning: {message}", file=sys.stderr, flush=True)
 
 
-async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
+async def _run_server(
+    args: argparse.Namespace, config: ServerConfig, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT. ``on_ready(port)`` replaces the "listening on" line (workers)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):  # installed first: a signal during startup still drains
@@ -439,7 +453,10 @@ async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
         server, port = await create_server(args.listen, store, config)
         exporter = None
         try:
-            print(f"listening on {args.listen.rpartition(':')[0]}:{port}", flush=True)
+            if on_ready is not None:
+                on_ready(port)
+            else:
+                print(f"listening on {args.listen.rpartition(':')[0]}:{port}", flush=True)
             if args.metrics_listen is not None:
                 host, _, metrics_port = args.metrics_listen.rpartition(":")
                 exporter = server.metrics.serve(host, int(metrics_port))
@@ -453,22 +470,76 @@ async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
         await store.close()
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _configure_logging(args: argparse.Namespace, worker: int | None = None) -> None:
     level = logging.getLevelName(args.log_level)
+    # Under --workers every line says which process wrote it (the parent's lines have no worker=).
+    where = "" if worker is None else f"worker={worker} "
     # DEBUG is for our own loggers; grpc's and asyncio's debug output would drown it.
     logging.basicConfig(
         stream=sys.stderr,
         level=max(level, logging.INFO),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        format=f"%(asctime)s level=%(levelname)s logger=%(name)s {where}%(message)s",
     )
     logging.getLogger("sotto.server").setLevel(level)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _configure_logging(args)
     try:
+        if args.workers > 1:
+            return _serve_workers(args)
         asyncio.run(_run_server(args, _server_config(args)))
     except ValueError as exc:  # configuration: models, TLS files, store URL, half-life, unsafe address
         return _fail(str(exc), EXIT_USAGE)
     except RuntimeError as exc:  # cannot bind an address
         return _fail(str(exc))
+    except StoreError as exc:  # the database is unreachable while migrating
+        return _fail(str(exc))
     return 0
+
+
+async def _migrate(args: argparse.Namespace) -> None:
+    store = await open_store(args.db, args.half_life_days)
+    await store.close()
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    """``serve --workers N`` (N > 1): check the configuration and migrate the store once, here, so that a
+    mistake is reported once and N processes never race to migrate; then run the workers."""
+    from sotto.server.workers import run_workers
+
+    _server_config(args)
+    if (args.db.startswith("sqlite:") or "://" not in args.db) and sqlite_path(args.db) == ":memory:":
+        raise ValueError(
+            "--workers needs a store the workers share; sqlite:///:memory: would give each its own"
+        )
+    asyncio.run(_migrate(args))
+    return run_workers(args, args.workers, serve_worker, args.grace_seconds)
+
+
+def serve_worker(index: int, args: argparse.Namespace, ready: Connection) -> None:
+    """One worker process of ``serve --workers N`` (see ``sotto.server.workers``): binds the shared port,
+    reports ``("ready", port)`` or ``("error", exit_code, message)`` on ``ready``, serves until SIGTERM."""
+    _configure_logging(args, index)
+    code = 0
+    try:
+        config = _server_config(args)
+        config = dataclasses.replace(
+            config,
+            reuse_port=True,
+            # One purge is enough: worker 0 runs it, the others never do.
+            purge_interval_s=config.purge_interval_s if index == 0 else 0.0,
+        )
+        asyncio.run(_run_server(args, config, lambda port: ready.send(("ready", port))))
+    except ValueError as exc:
+        code, message = EXIT_USAGE, str(exc)
+    except (RuntimeError, StoreError) as exc:
+        code, message = 1, str(exc)
+    if code:
+        ready.send(("error", code, message))
+        ready.close()
+        sys.exit(code)
+    ready.close()
 
 
 # --- admin calls against a running server ------------------------------------------------------------

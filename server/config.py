@@ -106,6 +106,9 @@ class ServerConfig:
     #: None accepts batches with or without local differential privacy (epsilon up to edge.ldp's
     #: MAX_EPSILON); a number requires every batch to be noised with at most this epsilon.
     max_ldp_epsilon: float | None = None
+    #: Let other processes of the same user bind the same port (SO_REUSEPORT), so the kernel spreads
+    #: connections over them: only for ``serve --workers N``, whose parent reserved the port first.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, float, float]] = [

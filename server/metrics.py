@@ -10,7 +10,8 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 #: The store operations whose failures are counted (``sotto_store_errors_total{operation=...}``).
 STORE_OPERATIONS = (
@@ -71,6 +72,15 @@ class Metrics:
         self.deletions = Counter(
             "sotto_profile_deletions", "DeleteProfile calls that erased a profile", registry=self.registry
         )
+        # Under `serve --workers N` the counters above are summed over the workers; this one keeps a
+        # series per live worker (the collector adds a pid label), so an operator sees the spread.
+        self.process_calls = Gauge(
+            "sotto_process_calls",
+            "Calls answered by this process since it started (one series per worker process, labelled "
+            "pid, under serve --workers)",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         # Series that exist from the start, at 0, so that rates and alerts work before the first event.
         for outcome in ("applied", "duplicate"):
             self.batches.labels(outcome)
@@ -80,16 +90,29 @@ class Metrics:
     def observe(self, method: str, code: grpc.StatusCode | None, seconds: float) -> None:
         """Record one finished call; ``code`` None or OK is a success."""
         self.latency.labels(method).observe(seconds)
+        self.process_calls.inc()
         if code is not None and code is not grpc.StatusCode.OK:
             self.rejections.labels(method, code.name.lower()).inc()
 
     def serve(self, host: str, port: int) -> MetricsServer:
         """Serve ``/metrics`` over HTTP on ``host:port`` (port 0 picks one) from a daemon thread."""
-        try:
-            httpd, thread = start_http_server(port, host, registry=self.registry)
-        except OSError as exc:
-            raise RuntimeError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
-        return MetricsServer(httpd, thread)
+        return _serve(self.registry, host, port)
+
+
+def serve_merged(directory: str, host: str, port: int) -> MetricsServer:
+    """Serve ``/metrics`` merged over every process that writes into ``directory`` (prometheus-client's
+    multiprocess mode: the worker processes ran with ``PROMETHEUS_MULTIPROC_DIR=directory``)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return _serve(registry, host, port)
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    try:
+        httpd, thread = start_http_server(port, host, registry=registry)
+    except OSError as exc:
+        raise RuntimeError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+    return MetricsServer(httpd, thread)
 
 
 class MetricsServer:

@@ -345,8 +345,9 @@ async def create_server(
     options = [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would start "fine" and
-        # silently take half of the traffic (into another database, perhaps). Fail to bind instead.
-        ("grpc.so_reuseport", 0),
+        # silently take half of the traffic (into another database, perhaps). Fail to bind instead,
+        # unless this is one of the workers of `serve --workers N` (server.workers reserved the port).
+        ("grpc.so_reuseport", int(config.reuse_port)),
         *PING_POLICY,
     ]
     server = grpc.aio.server(

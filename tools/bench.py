@@ -5,6 +5,7 @@
     python -m tools.bench wire-size               # bytes per batch and per signal, against compact JSON
     python -m tools.bench aggregator --store sqlite --store postgresql   # signals/s, Ingest p50/p99
     python -m tools.bench side-by-side            # the pipeline's defaults against the alternatives
+    python -m tools.bench scale --workers 1,2     # signals/s, server CPU s per 10^4 signals, by workers
     python -m tools.bench plot                    # PNG plots from the JSON results
     python -m tools.bench all                     # every benchmark, then the plots
 
@@ -49,6 +50,7 @@ from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.policy import Policy
 from sotto.wire import day_number
+from tools import bench_scale
 from tools.extras import need
 from tools.harness import issue_tokens, start_server, stop_server
 from tools.paths import SPEECH, child_env
@@ -83,7 +85,7 @@ TARGETS = {
     "postgresql_signals_per_s": ("aggregator on PostgreSQL: sustained signals/s", ">=", 10_000.0),
     "postgresql_p99_ms": ("aggregator on PostgreSQL: p99 Ingest (ms)", "<=", 100.0),
 }
-BENCHMARKS = ("edge-latency", "edge-memory", "wire-size", "aggregator", "side-by-side")
+BENCHMARKS = ("edge-latency", "edge-memory", "wire-size", "aggregator", "side-by-side", "scale")
 
 
 # --- statistics, machine, results ----------------------------------------------------------------------
@@ -282,6 +284,11 @@ def validate_result(document: dict[str, Any]) -> None:
                 _number(run, key, at)
             _stats(run, "latency_ms", at)
             _require(run, "errors", dict, at)
+    elif name == "scale":
+        try:
+            bench_scale.validate(results)
+        except ValueError as exc:
+            raise ResultError(f"{where}.{exc}") from None
     elif name == "side-by-side":
         rows = _require(results, "variants", list, where)
         if not rows:
@@ -1103,6 +1110,7 @@ REGISTRY: dict[str, tuple[Runner, Table]] = {
     "wire-size": (bench_wire_size, table_wire_size),
     "aggregator": (bench_aggregator, table_aggregator),
     "side-by-side": (bench_side_by_side, table_side_by_side),
+    "scale": (bench_scale.bench_scale, bench_scale.table),
 }
 
 
@@ -1179,6 +1187,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
             sub.add_argument("--warmup", type=float, default=2.0)
             sub.add_argument("--postgres-url", help="PostgreSQL server (a fresh schema is used and dropped)")
+        if name in ("scale", "all"):
+            bench_scale.add_arguments(sub, load_options=name == "scale")
     plot_cmd = commands.add_parser("plot", help="PNG plots from JSON results")
     plot_cmd.add_argument("--results", type=Path, default=Path("bench-results"))
     plot_cmd.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: --results)")

@@ -126,7 +126,10 @@ async def run_load(
     rng = random.Random(seed)
     # A few HTTP/2 connections, as many devices behind a few NAT gateways would look; one connection would
     # serialise every call through one socket, one per device would measure connection handling instead.
-    pool = [grpc.aio.insecure_channel(target) for _ in range(max(1, channels))]
+    # A local subchannel pool makes each channel a TCP connection of its own (gRPC would otherwise share
+    # one between channels with the same target), which also lets SO_REUSEPORT spread them over workers.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
     try:
         for channel in pool:
             await asyncio.wait_for(channel.channel_ready(), timeout=30)

@@ -18,13 +18,12 @@ from aggregator_testkit import (
     bearer,
     make_batch,
     signal,
-    start_server,
-    stop_server,
 )
 
 from sotto.server.config import utc_today
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
+from tools.harness import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

@@ -35,8 +35,6 @@ from aggregator_testkit import (
     running,
     sharded_databases,
     signal,
-    start_server,
-    stop_server,
 )
 
 from sotto.server import ServerConfig, open_store
@@ -49,6 +47,7 @@ from sotto.server.store.postgres import scratch_schema
 from sotto.server.validation import validate_batch
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
+from tools.harness import start_server, stop_server
 
 PROFILES = [f"device_{n:05d}" for n in range(24)]
 

@@ -54,11 +54,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     url = os.environ.get(POSTGRES_ENV)
     assert url, f"${POSTGRES_ENV} must name a PostgreSQL server (bash tools/postgres.sh prints one)"
     for name in BENCHMARKS:
-        extra = (
-            ("--store", "sqlite", "--store", "postgresql", "--postgres-url", url)
-            if name == "aggregator"
-            else ()
-        )
+        extra: tuple[str, ...] = ()
+        if name in ("aggregator", "scale"):
+            extra = ("--store", "sqlite", "--store", "postgresql", "--postgres-url", url)
+        if name == "scale":
+            extra += ("--workers", "1,2")
         smoke(out, name, *extra)
     return out
 
@@ -80,6 +80,7 @@ def load(results: Path, name: str) -> dict[str, Any]:
             {"sqlite_signals_per_s", "postgresql_signals_per_s"},
         ),
         ("side-by-side", set()),
+        ("scale", set()),
     ],
 )
 def test_every_benchmark_writes_a_valid_result(results: Path, name: str, figures: set[str]) -> None:
@@ -123,6 +124,46 @@ def test_aggregator_runs_on_sqlite_and_postgresql(results: Path) -> None:
         # Every measured call was applied: the load generator sends new batch ids, none is refused.
         assert run["calls"] > 0 and run["errors"] == {}
         assert run["signals"] == run["calls"] * 20
+
+
+def test_scale_measures_cpu_per_signal_for_each_store_and_worker_count(results: Path) -> None:
+    runs = load(results, "scale")["results"]["runs"]
+    assert [(r["store"], r["workers"]) for r in runs] == [
+        ("sqlite", 1),
+        ("sqlite", 2),
+        ("postgresql", 1),
+        ("postgresql", 2),
+    ]
+    for run in runs:
+        assert run["calls"] > 0 and run["errors"] == {}
+        # The server counted what the devices sent, warm-up included; CPU is a ratio over that count.
+        assert run["server_signals"] >= run["signals"] == run["calls"] * 20
+        assert run["server_cpu_s"] > 0
+        assert run["server_cpu_s_per_1e4_signals"] == pytest.approx(
+            run["server_cpu_s"] / run["server_signals"] * 1e4
+        )
+        # Every worker answered calls: the 16 connections were spread over both (all on one: p = 2^-15).
+        assert len(run["calls_per_worker"]) == run["workers"]
+        assert all(calls > 0 for calls in run["calls_per_worker"])
+
+
+def test_scale_takes_any_store_url_as_it_is(tmp_path: Path) -> None:
+    # The form a sharded store plugs in with (--db sharded=plproxy://...); here a SQLite file.
+    database = tmp_path / "given.db"
+    out = tmp_path / "out"
+    document = smoke(out, "scale", "--db", f"given=sqlite:///{database}", "--workers", "2")
+    assert document["config"]["stores"] == ["given"]
+    [run] = document["results"]["runs"]
+    assert (run["store"], run["workers"], run["errors"]) == ("given", 2, {})
+    assert run["calls"] > 0 and len(run["calls_per_worker"]) == 2
+    assert database.stat().st_size > 0  # the benchmark wrote into the store it was given
+
+
+def test_scale_refuses_bad_worker_counts_and_store_labels(tmp_path: Path) -> None:
+    for extra in (("--workers", "0"), ("--workers", "two"), ("--db", "plproxy://host/proxy")):
+        proc = run_bench("scale", "--smoke", "--out", str(tmp_path), *extra)
+        assert proc.returncode != 0 and "bench: --" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_side_by_side_compares_with_the_default(results: Path) -> None:
