@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ from sotto.policy import Policy
 from sotto.server.admin import AdminConnection
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.config import ServerConfig, ServerTls
-from sotto.server.service import create_server
 from sotto.server.store import StoreError, open_store
 from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
@@ -28,6 +28,18 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRUE_WORDS = ("1", "true", "yes", "on")
+#: What ``serve`` imports from the 'server' extra (health checking, reflection, Prometheus metrics).
+SERVER_EXTRA_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client")
+
+
+def missing_server_extra() -> str | None:
+    """The first module of the 'server' extra that cannot be imported; None when all are installed."""
+    for name in SERVER_EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            return name
+    return None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -202,7 +214,15 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-concurrent-rpcs",
         "N",
         "1000",
-        "calls in progress at once, over all clients",
+        "authenticated calls in progress at once, over all clients (health checks do not count)",
+        _number(int, 1),
+    )
+    _option(
+        serve,
+        "--max-streams-per-connection",
+        "N",
+        "100",
+        "HTTP/2 streams one connection may have open at once",
         _number(int, 1),
     )
     _option(
@@ -368,6 +388,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         rate_per_second=args.rate_per_second,
         rate_burst=args.rate_burst,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection,
         request_timeout_s=args.request_timeout_seconds,
         retention_days=args.retention_days,
         purge_interval_s=args.purge_interval_seconds,
@@ -377,6 +398,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
+    from sotto.server.service import create_server  # needs the 'server' extra, checked by _serve
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):  # installed first: a signal during startup still drains
@@ -401,6 +424,12 @@ async def _run_server(args: argparse.Namespace, config: ServerConfig) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    missing = missing_server_extra()
+    if missing is not None:
+        return _fail(
+            f"serving needs the 'server' extra, which is not installed (no module named {missing!r}): "
+            "pip install 'sotto[server]'"
+        )
     level = logging.getLevelName(args.log_level)
     # DEBUG is for our own loggers; grpc's and asyncio's debug output would drown it.
     logging.basicConfig(
