@@ -65,6 +65,14 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     raise AssertionError("context.abort returned")
 
 
+class _AlreadyAnswered(Exception):
+    """gRPC itself answered the call (with ``code``) before the guard could."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(code.name)
+        self.code = code
+
+
 class RefusalLog:
     """One INFO line per method and reason per ``interval_s`` at most, with the count of the left-out ones.
 
@@ -176,6 +184,10 @@ class Guard(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:  # the client went away or its deadline passed
                 failure = grpc.StatusCode.CANCELLED
                 raise
+            except _AlreadyAnswered as exc:
+                failure = exc.code
+                # Nothing more to send; gRPC ends a cancelled handler quietly.
+                raise asyncio.CancelledError from None
             except grpc.aio.AbortError:  # a status set on purpose, by abort()
                 raise
             except Exception as exc:
@@ -203,9 +215,18 @@ class Guard(grpc.aio.ServerInterceptor):
         """The call's one request message, parsed; INVALID_ARGUMENT when it is missing or unparseable."""
         raw = await context.read()
         if raw is grpc.aio.EOF:
-            await self._refuse(
-                context, method, grpc.StatusCode.INVALID_ARGUMENT, "no_message", "the call carried no request"
-            )
+            try:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+            except grpc.aio.AbortError:
+                self._metrics.refusals.labels(method, "no_message").inc()
+                self._refusal_log.refused(method, grpc.StatusCode.INVALID_ARGUMENT, "no_message")
+                raise
+            except Exception:
+                # gRPC had already answered the call: a message over --max-message-bytes ends the call with
+                # RESOURCE_EXHAUSTED before it reaches us, and reading then returns EOF.
+                self._metrics.refusals.labels(method, "message_too_large").inc()
+                self._refusal_log.refused(method, grpc.StatusCode.RESOURCE_EXHAUSTED, "message_too_large")
+                raise _AlreadyAnswered(grpc.StatusCode.RESOURCE_EXHAUSTED) from None
         try:
             return parse(raw)
         except Exception:  # protobuf's DecodeError, and whatever else a parser raises on hostile bytes

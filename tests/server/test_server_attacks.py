@@ -9,6 +9,7 @@ import collections
 import re
 import sqlite3
 import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
@@ -24,15 +25,14 @@ from aggregator_testkit import (
     make_batch,
     read_line,
     signal,
-    start_server,
-    stop_server,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+import tools.fuzz as fuzz
 from sotto.server import open_store
 from sotto.server.config import utc_today
-from sotto.v1 import signals_pb2_grpc
+from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
 
 pytestmark = pytest.mark.e2e
@@ -42,14 +42,14 @@ INGEST = "/sotto.v1.SignalAggregator/Ingest"
 
 @dataclass
 class Server:
-    """A running ``sotto-server serve``: its process, gRPC target, metrics port, database and token."""
+    """A running ``sotto-server serve``: its process, gRPC target, metrics port, database, token and log."""
 
     proc: subprocess.Popen[str]
     target: str
     metrics_port: int
     db: Path
     token: str
-    stderr: str = ""
+    log: Path
 
     def refusals(self, reason: str, method: str = "Ingest") -> float:
         """``sotto_refusals_total`` for ``method`` and ``reason``, scraped from /metrics."""
@@ -65,9 +65,17 @@ class Server:
         return 0.0
 
     def stop(self) -> str:
-        """Stop the server; its stderr (the log)."""
-        self.stderr = stop_server(self.proc)
-        return self.stderr
+        """Stop the server (SIGTERM, SIGKILL if it hangs); its log."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.log.read_text()
 
 
 async def _token(db: Path) -> str:
@@ -85,11 +93,30 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     def start(*extra: str) -> Server:
         db = tmp_path / f"attack{len(started)}.db"
+        log = tmp_path / f"attack{len(started)}.log"
         token = asyncio.run(_token(db))
-        proc, target = start_server(f"sqlite:///{db}", "--metrics-listen", "127.0.0.1:0", *extra)
-        match = re.fullmatch(r"metrics on http://127\.0\.0\.1:(\d+)/metrics\n", read_line(proc, 30))
-        assert match, "no metrics line"
-        server = Server(proc, target, int(match.group(1)), db, token)
+        # The log goes to a file, not a pipe: a flood of log lines must not block the server on a full pipe.
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sotto.server",
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--db",
+                    f"sqlite:///{db}",
+                ]
+                + ["--metrics-listen", "127.0.0.1:0", *extra],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        listening = re.fullmatch(r"listening on (127\.0\.0\.1:\d+)\n", read_line(proc, 60))
+        metrics = re.fullmatch(r"metrics on http://127\.0\.0\.1:(\d+)/metrics\n", read_line(proc, 30))
+        assert listening and metrics, log.read_text()
+        server = Server(proc, listening.group(1), int(metrics.group(1)), db, token, log)
         started.append(server)
         return server
 
@@ -313,3 +340,36 @@ def test_signals_older_than_the_retention_period_are_not_stored(serve: Callable[
         batches = [bytes(b) for (b,) in conn.execute("SELECT batch_id FROM batches")]
     assert days == [cutoff + 5]
     assert batches == [mixed.batch_id]
+
+
+def test_fuzzed_requests_over_grpc(serve: Callable[..., Server]) -> None:
+    """Hypothesis-drawn request bodies (tools/fuzz.py) sent to the real server with a valid token: every
+    answer is an acknowledgement or a deliberate refusal (never UNKNOWN or INTERNAL), nothing is logged as an
+    error, and the database holds exactly the batches acknowledged as applied."""
+    server = serve("--rate-burst", "100000")
+    bodies = fuzz.draw_requests(400, seed_value=7, today=_today())
+
+    async def scenario() -> tuple[collections.Counter[str], int]:
+        codes: collections.Counter[str] = collections.Counter()
+        applied = 0
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            send = channel.unary_unary(INGEST, response_deserializer=signals_pb2.IngestResponse.FromString)
+            for body in bodies:
+                try:
+                    reply = await send(body, timeout=10, metadata=bearer(server.token))
+                    codes["OK"] += 1
+                    applied += not reply.duplicate
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+        return codes, applied
+
+    codes, applied = asyncio.run(scenario())
+    # RESOURCE_EXHAUSTED: bodies past the 64 KB message limit, refused by gRPC before any parsing.
+    # PERMISSION_DENIED: batches for profiles other than the token's.
+    deliberate = {"OK", "INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}
+    assert set(codes) <= deliberate, codes
+    assert codes["INVALID_ARGUMENT"] > 0 and applied > 0
+    log = server.stop()
+    assert "Traceback" not in log and "level=ERROR" not in log
+    with closing(sqlite3.connect(server.db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == applied
