@@ -227,6 +227,14 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _option(
         serve,
+        "--unauthenticated-delay-seconds",
+        "SECONDS",
+        "1",
+        "time a call without a valid credential waits for its refusal (at most 100 wait at once)",
+        _number(float, 0),
+    )
+    _option(
+        serve,
         "--request-timeout-seconds",
         "SECONDS",
         "10",
@@ -389,6 +397,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         rate_burst=args.rate_burst,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_streams_per_connection=args.max_streams_per_connection,
+        unauthenticated_delay_s=args.unauthenticated_delay_seconds,
         request_timeout_s=args.request_timeout_seconds,
         retention_days=args.retention_days,
         purge_interval_s=args.purge_interval_seconds,

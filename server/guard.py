@@ -35,6 +35,9 @@ SERVICE_NAME: str = signals_pb2.DESCRIPTOR.services_by_name["SignalAggregator"].
 #: The longest status message sent to a client: a message may quote a client's field, and gRPC refuses
 #: trailers past its metadata limit (16 KB) with RESOURCE_EXHAUSTED, which a client would retry forever.
 MAX_DETAILS = 512
+#: Unauthenticated refusals held back at once (see ``Guard._hold_back``); beyond this many they are answered
+#: at once, so that held refusals never take the room gRPC keeps for health checks (``UNGUARDED_CALLS``).
+MAX_HELD_REFUSALS = 100
 #: A refusal's log line is written at most once per this many seconds for each method and reason; the
 #: next line says how many were left out in between, so an attacker cannot flood the log.
 REFUSAL_LOG_INTERVAL_S = 10.0
@@ -117,6 +120,7 @@ class Guard(grpc.aio.ServerInterceptor):
         timeout_s: float,
         max_concurrent: int = 1000,
         refusal_log: RefusalLog | None = None,
+        unauthenticated_delay_s: float = 0.0,
     ) -> None:
         self._authenticator = authenticator
         self._limiter = limiter
@@ -125,6 +129,8 @@ class Guard(grpc.aio.ServerInterceptor):
         self._max_concurrent = max_concurrent
         self._active = 0
         self._refusal_log = refusal_log or RefusalLog()
+        self._delay_s = unauthenticated_delay_s
+        self._held = 0
 
     async def intercept_service(
         self,
@@ -249,6 +255,7 @@ class Guard(grpc.aio.ServerInterceptor):
                 tuple(context.invocation_metadata() or ()), context.auth_context()
             )
         except AuthError as exc:
+            await self._hold_back()
             await self._refuse(context, method, exc.code, exc.reason, str(exc))
         except StoreUnavailableError as exc:
             self._metrics.store_errors.labels("find_credential").inc()
@@ -281,6 +288,20 @@ class Guard(grpc.aio.ServerInterceptor):
                     f"rate limit exceeded for this device; retry in {wait_s:.1f} s (nothing was applied)",
                 )
         return principal
+
+    async def _hold_back(self) -> None:
+        """Wait ``unauthenticated_delay_s`` before an unauthenticated refusal, while fewer than
+        ``MAX_HELD_REFUSALS`` wait. A client that opens streams without a credential as fast as it can then
+        gets at most (streams per connection / delay) answers per second and connection, instead of keeping
+        the event loop busy; a held refusal costs a timer, not CPU. A genuine device with a bad token only
+        learns it a moment later."""
+        if self._delay_s <= 0 or self._held >= MAX_HELD_REFUSALS:
+            return
+        self._held += 1
+        try:
+            await asyncio.sleep(self._delay_s)
+        finally:
+            self._held -= 1
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str, message: str

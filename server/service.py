@@ -380,6 +380,7 @@ async def create_server(
         metrics=metrics,
         timeout_s=config.request_timeout_s,
         max_concurrent=config.max_concurrent_rpcs,
+        unauthenticated_delay_s=config.unauthenticated_delay_s,
     )
     options = [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -155,22 +156,37 @@ def figures(latencies: list[float], codes: collections.Counter[str]) -> dict[str
     }
 
 
-async def measure(args: argparse.Namespace, target: str, token: str) -> dict[str, object]:
-    """The baseline, then the same traffic under attack."""
-    baseline = figures(*await devices(target, token, args.baseline_seconds, args.senders))
+async def _attack_only(target: str, connections: int, streams: int) -> None:
+    """The attacker's process: attack until SIGTERM, then print the streams' outcomes as JSON."""
     stop = asyncio.Event()
-    attacker = asyncio.create_task(attack(target, args.connections, args.streams, stop))
-    await asyncio.sleep(2)  # let the attack build up before timing anything
-    load_before = os.getloadavg()
-    under_attack = figures(*await devices(target, token, args.seconds, args.senders))
-    load_after = os.getloadavg()
-    stop.set()
-    outcomes = await attacker
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    outcomes = await attack(target, connections, streams, stop)
+    print(json.dumps(dict(outcomes)), flush=True)
+
+
+async def measure(args: argparse.Namespace, target: str, token: str) -> dict[str, object]:
+    """The baseline, then the same traffic under attack. The attacker runs in a process of its own, as it
+    would on another machine, so that its client work does not slow the timed calls' event loop."""
+    baseline = figures(*await devices(target, token, args.baseline_seconds, args.senders))
+    attacker = subprocess.Popen(
+        [sys.executable, "-m", "tools.attack_streams", "--attack-only", target]
+        + ["--connections", str(args.connections), "--streams", str(args.streams)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await asyncio.sleep(3)  # let the attack build up before timing anything
+        load_before = os.getloadavg()
+        under_attack = figures(*await devices(target, token, args.seconds, args.senders))
+        load_after = os.getloadavg()
+    finally:
+        attacker.terminate()
+        out, _ = attacker.communicate(timeout=60)
     return {
         "attack": {
             "connections": args.connections,
             "streams_per_connection": args.streams,
-            "stream_outcomes": dict(outcomes),
+            "stream_outcomes": json.loads(out) if out.strip() else None,
         },
         "baseline": baseline,
         "under_attack": under_attack,
@@ -193,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="HOST:PORT of a running aggregator (default: start one)")
     parser.add_argument("--token-file", type=Path, help="a device token for --target (JSON of token issue)")
     parser.add_argument("--target-p99-ms", type=float, default=100.0, help="fail above this p99")
+    parser.add_argument("--attack-only", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.attack_only:
+        asyncio.run(_attack_only(args.attack_only, args.connections, args.streams))
+        return 0
     if (args.target is None) != (args.token_file is None):
         parser.error("give --target and --token-file together")
     if args.target is not None:
