@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,10 @@ def test_the_harness_reports_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyP
     summary = fuzz.run(300, seed_value=1, db=tmp_path / "fuzz.db", mutants_per_case=0)
     assert summary["crashes"] > 0
     assert fuzz.failed(summary)
+
+
+def test_the_command_prints_its_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fuzz.main(["--cases", "320", "--seed", "3", "--mutants", "31"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["cases"] == 320
+    assert summary["crashes"] == 0
