@@ -195,14 +195,15 @@ def test_stalled_unauthenticated_streams_lock_nobody_out(serve: Callable[..., Se
     log = server.stop()
     refused_lines = [line for line in log.splitlines() if "event=rpc_refused" in line]
     # Hundreds of refusals, a handful of lines: one per reason per 10 s, with the count left out.
-    assert 1 <= len(refused_lines) <= 3, refused_lines
+    assert 1 <= len(refused_lines) <= 4, refused_lines
     assert "reason=no_credential" in refused_lines[0]
 
 
 def test_stalled_authenticated_streams_end_at_the_server_deadline(serve: Callable[..., Server]) -> None:
     """Finding 1, with a valid token: streams that never send their message count against the limit of
     calls in progress, are closed by the server's deadline, and health checks answer throughout."""
-    server = serve("--max-concurrent-rpcs", "10", "--request-timeout-seconds", "1")
+    # 3 s: long enough that every call is admitted or refused before the first stalled ones end.
+    server = serve("--max-concurrent-rpcs", "10", "--request-timeout-seconds", "3")
 
     async def scenario() -> tuple[collections.Counter[str], int]:
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -288,7 +289,8 @@ def test_unparseable_requests_are_refused_counted_and_not_logged_each(serve: Cal
     log = server.stop()
     assert "Traceback" not in log
     assert "level=ERROR" not in log
-    assert len([line for line in log.splitlines() if "event=rpc_refused" in line]) <= 2
+    # 240 refusals; a line per reason per 10 s (a slow machine may take a few windows).
+    assert len([line for line in log.splitlines() if "event=rpc_refused" in line]) <= 6
 
 
 @pytest.mark.parametrize("where", ["taxonomy_version", "region", "category_id"])
