@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -21,7 +22,6 @@ from sotto.policy import Policy
 from sotto.server.admin import AdminConnection
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.config import ServerConfig, ServerTls
-from sotto.server.service import create_server
 from sotto.server.store import Role, Store, StoreError, open_store, sqlite_path
 from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
@@ -30,6 +30,18 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRUE_WORDS = ("1", "true", "yes", "on")
+#: What ``serve`` imports from the 'server' extra (health checking, reflection, Prometheus metrics).
+SERVER_EXTRA_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client")
+
+
+def missing_server_extra() -> str | None:
+    """The first module of the 'server' extra that cannot be imported; None when all are installed."""
+    for name in SERVER_EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            return name
+    return None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -204,8 +216,24 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-concurrent-rpcs",
         "N",
         "1000",
-        "calls in progress at once, over all clients",
+        "authenticated calls in progress at once, over all clients (health checks do not count)",
         _number(int, 1),
+    )
+    _option(
+        serve,
+        "--max-streams-per-connection",
+        "N",
+        "100",
+        "HTTP/2 streams one connection may have open at once",
+        _number(int, 1),
+    )
+    _option(
+        serve,
+        "--unauthenticated-delay-seconds",
+        "SECONDS",
+        "1",
+        "time a call without a valid credential waits for its refusal (at most 100 wait at once)",
+        _number(float, 0),
     )
     _option(
         serve,
@@ -416,6 +444,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         rate_per_second=args.rate_per_second,
         rate_burst=args.rate_burst,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection,
+        unauthenticated_delay_s=args.unauthenticated_delay_seconds,
         request_timeout_s=args.request_timeout_seconds,
         retention_days=args.retention_days,
         purge_interval_s=args.purge_interval_seconds,
@@ -442,14 +472,16 @@ async def _run_server(
     args: argparse.Namespace, config: ServerConfig, on_ready: Callable[[int], None] | None = None
 ) -> None:
     """Serve until SIGTERM/SIGINT. ``on_ready(port)`` replaces the "listening on" line (workers)."""
+    from sotto.server.service import create_server  # needs the 'server' extra, checked by _serve
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):  # installed first: a signal during startup still drains
         loop.add_signal_handler(signum, stop.set)
     store = await open_store(args.db, args.half_life_days)
     try:
-        if config.tls is None or config.tls.client_ca is None:
-            await _warn_without_device_tokens(store)
+        if on_ready is None and (config.tls is None or config.tls.client_ca is None):
+            await _warn_without_device_tokens(store)  # once, by the parent, under --workers
         server, port = await create_server(args.listen, store, config)
         exporter = None
         try:
@@ -484,6 +516,12 @@ def _configure_logging(args: argparse.Namespace, worker: int | None = None) -> N
 
 
 def _serve(args: argparse.Namespace) -> int:
+    missing = missing_server_extra()
+    if missing is not None:
+        return _fail(
+            f"serving needs the 'server' extra, which is not installed (no module named {missing!r}): "
+            "pip install 'sotto[server]'"
+        )
     _configure_logging(args)
     try:
         if args.workers > 1:
@@ -498,9 +536,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _migrate(args: argparse.Namespace) -> None:
+async def _migrate(args: argparse.Namespace, config: ServerConfig) -> None:
     store = await open_store(args.db, args.half_life_days)
-    await store.close()
+    try:
+        if config.tls is None or config.tls.client_ca is None:
+            await _warn_without_device_tokens(store)
+    finally:
+        await store.close()
 
 
 def _serve_workers(args: argparse.Namespace) -> int:
@@ -508,12 +550,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
     mistake is reported once and N processes never race to migrate; then run the workers."""
     from sotto.server.workers import run_workers
 
-    _server_config(args)
+    config = _server_config(args)
     if (args.db.startswith("sqlite:") or "://" not in args.db) and sqlite_path(args.db) == ":memory:":
         raise ValueError(
             "--workers needs a store the workers share; sqlite:///:memory: would give each its own"
         )
-    asyncio.run(_migrate(args))
+    asyncio.run(_migrate(args, config))
     return run_workers(args, args.workers, serve_worker, args.grace_seconds)
 
 

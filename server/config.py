@@ -93,8 +93,14 @@ class ServerConfig:
     #: Per-device token bucket: sustained calls per second and the burst allowed on top.
     rate_per_second: float = 1.0
     rate_burst: int = 60
-    #: Calls in progress at once; gRPC answers RESOURCE_EXHAUSTED beyond it.
+    #: Authenticated aggregator calls in progress at once; RESOURCE_EXHAUSTED beyond it. Health checks,
+    #: reflection and refusals do not count against it (gRPC's own ceiling sits above it).
     max_concurrent_rpcs: int = 1000
+    #: HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    max_streams_per_connection: int = 100
+    #: Seconds an unauthenticated call waits for its refusal (at most 100 wait at once; see
+    #: ``Guard._hold_back``). ``sotto-server serve`` uses 1; 0 answers at once.
+    unauthenticated_delay_s: float = 0.0
     #: The longest the server works on one call; the client's own deadline applies when shorter.
     request_timeout_s: float = 10.0
     #: Entries not reinforced for this many days are purged; older batches are refused.
@@ -116,8 +122,10 @@ class ServerConfig:
             ("max_receive_message_bytes", self.max_receive_message_bytes, 1024),
             ("rate_burst", self.rate_burst, 1),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs, 1),
+            ("max_streams_per_connection", self.max_streams_per_connection, 1),
             ("retention_days", self.retention_days, 1),
             ("purge_interval_s", self.purge_interval_s, 0),
+            ("unauthenticated_delay_s", self.unauthenticated_delay_s, 0),
             ("min_audience", self.min_audience, 2),
         ]
         for name, value, minimum in checks:

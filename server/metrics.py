@@ -44,6 +44,13 @@ class Metrics:
             ["method", "reason"],
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "sotto_refusals",
+            "Calls the aggregator refused, by method and reason (a fixed label: no_credential, "
+            "unknown_token, rate_limited, overloaded, unparseable, invalid_argument, ...)",
+            ["method", "reason"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "sotto_rpc_duration_seconds",
             "Time to answer a call, by method",

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +47,15 @@ __all__ = ["SERVICE_NAME", "AggregatorServer", "AggregatorServicer", "create_ser
 
 T = TypeVar("T")
 
+#: The method each store operation serves (the label of its refusals when the store is unavailable).
+_METHOD_OF = {
+    "apply_batch": "Ingest",
+    "get_profile": "GetProfile",
+    "delete_profile": "DeleteProfile",
+    "audience_size": "AudienceSize",
+    "signal_counts": "AudienceSize",
+}
+
 log = logging.getLogger(__name__)
 
 # Random per process: tags let one run's log lines be correlated, but cannot be matched to known ids.
@@ -62,6 +71,18 @@ PING_POLICY: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_ping_strikes", 2),
 )
+#: Connection lifetimes, enforced by gRPC: a connection that has not finished its TLS and HTTP/2 handshake
+#: within 10 s is closed; one without calls for 5 minutes is closed with GOAWAY; any connection is asked to
+#: go away after an hour (spreading reconnects behind a load balancer), with 30 s for its calls to finish.
+CONNECTION_POLICY: tuple[tuple[str, int], ...] = (
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_connection_age_ms", 3_600_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+)
+#: Calls gRPC itself admits beyond ``max_concurrent_rpcs`` (which the guard enforces on authenticated
+#: aggregator calls): room for health checks, reflection and the refusals, which finish at once.
+UNGUARDED_CALLS = 200
 
 
 def profile_tag(profile_id: str) -> str:
@@ -77,13 +98,22 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
         self._config = config
         self._metrics = metrics
 
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str, message: str
+    ) -> NoReturn:
+        """Count the refusal by its fixed ``reason`` label and answer ``code``."""
+        self._metrics.refusals.labels(method, reason).inc()
+        await abort(context, code, message)
+
     async def _authorize(self, context: grpc.aio.ServicerContext, method: str, profile_id: str) -> None:
         """PERMISSION_DENIED unless the caller may touch ``profile_id`` (a device only its own)."""
         if not current_principal().may_access(profile_id):
             log.info("event=rpc_refused method=%s code=PERMISSION_DENIED reason=other_profile", method)
-            await abort(
+            await self._refuse(
                 context,
+                method,
                 grpc.StatusCode.PERMISSION_DENIED,
+                "other_profile",
                 "this credential is bound to another profile; a device may only use its own",
             )
 
@@ -94,9 +124,11 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
         except StoreUnavailableError as exc:
             self._metrics.store_errors.labels(operation).inc()
             log.warning("event=store_error operation=%s error=%r", operation, str(exc))
-            await abort(
+            await self._refuse(
                 context,
+                _METHOD_OF[operation],
                 grpc.StatusCode.UNAVAILABLE,
+                "store_unavailable",
                 "the store is unavailable; retry later (nothing changed)",
             )
 
@@ -105,7 +137,9 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
         try:
             return validate_profile_id(profile_id)
         except ValidationError as exc:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(
+                context, method, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc)
+            )
 
     async def Ingest(
         self, request: signals_pb2.SignalBatch, context: grpc.aio.ServicerContext
@@ -116,15 +150,17 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
             batch = validate_batch(request, self._config)
         except ValidationError as exc:
             log.info("event=ingest_rejected code=INVALID_ARGUMENT field=%s", exc.field)
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(
+                context, "Ingest", grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc)
+            )
         try:
             result = await self._store_call(context, "apply_batch", self._store.apply_batch(batch))
         except BatchConflictError as exc:
             log.warning("event=ingest_rejected code=ALREADY_EXISTS batch=%s", batch.batch_id.hex())
-            await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            await self._refuse(context, "Ingest", grpc.StatusCode.ALREADY_EXISTS, "batch_conflict", str(exc))
         except MinorProfileError as exc:
             log.info("event=ingest_rejected code=FAILED_PRECONDITION reason=minor")
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await self._refuse(context, "Ingest", grpc.StatusCode.FAILED_PRECONDITION, "minor", str(exc))
         self._metrics.batches.labels("duplicate" if result.duplicate else "applied").inc()
         self._metrics.signals.inc(result.applied_signals)
         log.debug(
@@ -197,7 +233,9 @@ class AggregatorServicer(signals_pb2_grpc.SignalAggregatorServicer):
         try:
             category_id, min_score = validate_audience(request, self._config)
         except ValidationError as exc:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(
+                context, "AudienceSize", grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc)
+            )
         today = self._config.today()
         # The threshold moves into stored-sum space once, so the database compares plain numbers.
         min_sum = decay.stored_sum(min_score, today, self._store.half_life_days)
@@ -341,6 +379,8 @@ async def create_server(
         limiter=RateLimiter(config.rate_per_second, config.rate_burst),
         metrics=metrics,
         timeout_s=config.request_timeout_s,
+        max_concurrent=config.max_concurrent_rpcs,
+        unauthenticated_delay_s=config.unauthenticated_delay_s,
     )
     options = [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
@@ -348,10 +388,15 @@ async def create_server(
         # silently take half of the traffic (into another database, perhaps). Fail to bind instead,
         # unless this is one of the workers of `serve --workers N` (server.workers reserved the port).
         ("grpc.so_reuseport", int(config.reuse_port)),
+        # One connection cannot open more streams than this; gRPC clients queue the rest.
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         *PING_POLICY,
+        *CONNECTION_POLICY,
     ]
     server = grpc.aio.server(
-        interceptors=[guard], options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs
+        interceptors=[guard],
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs + UNGUARDED_CALLS,
     )
     signals_pb2_grpc.add_SignalAggregatorServicer_to_server(
         AggregatorServicer(store, config, metrics), server

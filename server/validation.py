@@ -31,6 +31,18 @@ MAX_FUTURE_DAYS = 1
 MAX_PAST_DAYS = 400
 
 
+#: Characters of a client's string quoted back in an error message; the rest is summarised by its length,
+#: so that an error can never grow with the request (gRPC refuses trailers past 16 KB).
+MAX_QUOTED = 40
+
+
+def quoted(value: str) -> str:
+    """``value`` as ``repr`` shows it, cut to ``MAX_QUOTED`` characters with its length when longer."""
+    if len(value) <= MAX_QUOTED:
+        return repr(value)
+    return f"{value[:MAX_QUOTED]!r}... ({len(value)} characters)"
+
+
 class ValidationError(ValueError):
     """A request field is invalid; ``str(error)`` is the message for the client."""
 
@@ -60,7 +72,7 @@ def validate_category(field: str, cid: str, policy: Policy) -> str:
     if cid not in policy.taxonomy:
         raise ValidationError(
             field,
-            f"{field}: unknown category {cid!r}; "
+            f"{field}: unknown category {quoted(cid)}; "
             f"expected an IAB Content Taxonomy {TAXONOMY_VERSION} unique id",
         )
     sensitive = policy.sensitive.match(cid)
@@ -123,14 +135,16 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
     if not REGION_PATTERN.fullmatch(msg.region):
         raise ValidationError(
             "region",
-            f"region must be an ISO 3166-1 alpha-2 code in upper case, for example 'US'; got {msg.region!r}",
+            "region must be an ISO 3166-1 alpha-2 code in upper case, for example 'US'; "
+            f"got {quoted(msg.region)}",
         )
     rule = config.policy.regions.blocked(msg.region, config.clock())
     if rule is not None:
         raise ValidationError("region", f"region {msg.region} does not allow profiling ({rule.note})")
     if msg.taxonomy_version != TAXONOMY_VERSION:
         raise ValidationError(
-            "taxonomy_version", f"taxonomy_version must be {TAXONOMY_VERSION!r}; got {msg.taxonomy_version!r}"
+            "taxonomy_version",
+            f"taxonomy_version must be {TAXONOMY_VERSION!r}; got {quoted(msg.taxonomy_version)}",
         )
     count, limit = len(msg.signals), config.max_signals_per_batch
     if count == 0:
@@ -155,7 +169,17 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
             f"{today - oldest} days ago: {why})",
         )
     _validate_epsilon(msg.ldp_epsilon_milli, config)
-    signals = tuple(_validate_signal(n, s, msg.base_day, config) for n, s in enumerate(msg.signals))
+    checked = [_validate_signal(n, s, msg.base_day, config) for n, s in enumerate(msg.signals)]
+    # A signal observed before the retention cut-off would be purged at once, like an old batch: it is not
+    # taken in the first place (the base day alone does not say so, day_offset reaches 30 days back).
+    cutoff = config.retention_cutoff()
+    signals = tuple(s for s in checked if s.day >= cutoff)
+    if not signals:
+        raise ValidationError(
+            "signals",
+            f"signals: every signal was observed before {date_of(cutoff)}, the start of the retention "
+            "period; nothing to store",
+        )
     return Batch(
         batch_id=msg.batch_id,
         profile_id=msg.profile_id,

@@ -148,7 +148,8 @@ def test_max_signals_per_batch_comes_from_config(config: ServerConfig, db_path: 
     "batch",
     [
         pytest.param(make_batch(base_day=TODAY_DAY + 1), id="tomorrow"),
-        pytest.param(make_batch(base_day=TODAY_DAY - 180), id="180-days-ago"),
+        # Observed on the cut-off day itself (a signal observed before it is not stored).
+        pytest.param(make_batch([signal(), signal(MUSIC, 1)], base_day=TODAY_DAY - 180), id="180-days-ago"),
         pytest.param(make_batch([signal(day_offset=30)]), id="offset-30"),
         pytest.param(make_batch([signal(weight_level=w) for w in (1, 2, 3, 4)]), id="all-weights"),
         pytest.param(make_batch([signal()] * 100), id="100-signals"),
