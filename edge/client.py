@@ -39,9 +39,10 @@ A batch that is retried forever is not a stall without end: the outbox drops bat
 
 A deletion request (:meth:`DeliveryClient.delete_profile`) stays pending, and the device silent, until
 the aggregator confirms it, or until the refusal itself proves it already happened: ``UNAUTHENTICATED``
-after an earlier attempt, because a successful deletion revokes the device's token and only its reply
-was lost. Every other refusal keeps it pending (retried with backoff on later flushes);
-:func:`deletion_state` says where it stands, and ``sotto-edge ledger`` shows it.
+after an earlier attempt that failed with a transient code (so it may have been applied), because a
+successful deletion revokes the device's token and only its reply was lost. Every
+other refusal keeps it pending (retried with backoff on later flushes); :func:`deletion_state` says
+where it stands, and ``sotto-edge ledger`` shows it.
 
 The device authenticates with a bearer token (sent as ``authorization`` call metadata, never inside a
 message) or a TLS client certificate; ``TlsOptions`` holds the certificates.
@@ -443,14 +444,14 @@ class DeliveryClient:
     def _deliver_deletion(self) -> DeletionStatus:
         request = signals_pb2.DeleteProfileRequest(profile_id=self.profile_id)
         for attempt in range(self.max_attempts):
-            previous = self._deletion_attempted()
+            previous = self._deletion_maybe_applied()
             try:
                 reply = self._stub.DeleteProfile(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.UNAUTHENTICATED and previous:
                     return self._deletion_settled(DeletionStatus.ALREADY_ERASED)
-                self._deletion_failed(code.name)
+                self._deletion_failed(code.name, maybe_applied=code in RETRYABLE)
                 if code not in RETRYABLE:
                     # Not proof of anything: the request stays pending, the device silent.
                     log.error(
@@ -474,16 +475,23 @@ class DeliveryClient:
             doc = {}
         return doc if isinstance(doc, dict) else {}
 
-    def _deletion_attempted(self) -> bool:
-        attempts = self._deletion_doc().get("attempts", 0)
-        return isinstance(attempts, int) and attempts > 0
+    def _deletion_maybe_applied(self) -> bool:
+        """True when an earlier attempt may have reached the aggregator and been applied (it failed with
+        a transient code, not after a refusal of the token), so a revoked token now proves it was."""
+        return self._deletion_doc().get("maybe_applied") is True
 
-    def _deletion_failed(self, code: str) -> None:
+    def _deletion_failed(self, code: str, maybe_applied: bool) -> None:
         doc = self._deletion_doc()
         attempts = doc.get("attempts", 0)
         doc.update(
             attempts=(attempts if isinstance(attempts, int) else 0) + 1, last_code=code, last_at=time.time()
         )
+        if code == grpc.StatusCode.UNAUTHENTICATED.name:
+            # The token was refused before any attempt could have been applied: a later refusal proves
+            # nothing either.
+            doc["token_refused"] = True
+        if maybe_applied and not doc.get("token_refused"):
+            doc["maybe_applied"] = True
         self.outbox.set_state(_DELETION, json.dumps(doc))
 
     def _deletion_settled(self, status: DeletionStatus) -> DeletionStatus:

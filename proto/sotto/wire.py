@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import functools
 import importlib.resources
+import io
 import math
 import re
 
@@ -80,8 +81,9 @@ def check_profile_id(profile_id: str) -> str:
 def assigned_regions() -> frozenset[str]:
     """Every officially assigned ISO 3166-1 alpha-2 code (read once from ``sotto.models``)."""
     path = importlib.resources.files("sotto.models") / ISO_3166_FILE
-    with path.open(encoding="utf-8", newline="") as fh:
-        codes = frozenset(row["code"] for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text = path.read_text(encoding="utf-8")
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    codes = frozenset(row["code"] for row in reader)
     if len(codes) < 200 or not all(REGION_PATTERN.fullmatch(c) for c in codes):
         # Fail closed: without the list no region could be placed, and none must be guessed at.
         raise RuntimeError(f"{path}: not a list of ISO 3166-1 alpha-2 codes")
