@@ -27,8 +27,9 @@ from pathlib import Path
 from sotto.edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
 from sotto.edge.audio import AudioError, pcm16_to_audio
 from sotto.edge.classifier import BACKENDS
+from sotto.edge.client import DeletionStatus, deletion_state
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
-from sotto.edge.outbox import Outbox, OutboxError
+from sotto.edge.outbox import STATE_LOST_KEY, Outbox, OutboxError
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
 from sotto.policy import Policy, PolicyError, models_dir
 
@@ -124,23 +125,23 @@ DEFAULT_OUTBOX = Path.home() / ".local" / "share" / "sotto" / "outbox.db"
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    """`sotto-edge ledger`: the transparency ledger as a table or JSON, or clear it."""
+    """`sotto-edge ledger`: the transparency ledger as a table or JSON, or clear it.
+
+    Reading never creates, moves or changes a file (the outbox is opened read-only); a file that cannot
+    be read is an error that names it. Only ``--clear`` writes, and only to an outbox that reads cleanly.
+    """
+    notes: list[str] = []
     if not args.outbox.exists():  # nothing was ever sent; do not create a file just to say so
         entries = []
     else:
         try:
-            with Outbox(args.outbox) as box:
-                if box.recovery is not None:
-                    print(
-                        f"sotto-edge: outbox was damaged ({box.recovery.problem}); moved to "
-                        f"{box.recovery.moved_to}, recovered {box.recovery.recovered_ledger_entries} "
-                        "ledger entries",
-                        file=sys.stderr,
-                    )
-                if args.clear:
-                    print(f"cleared {box.clear_ledger()} ledger entries")
-                    return 0
+            with Outbox(args.outbox, read_only=True) as box:
                 entries = box.ledger()
+                notes = _ledger_notes(box)
+            if args.clear:
+                with Outbox(args.outbox) as box:
+                    print(f"cleared {box.clear_ledger()} ledger entries")
+                return 0
         except (OutboxError, OSError) as exc:
             print(f"sotto-edge: error: {exc}", file=sys.stderr)
             return 2
@@ -167,6 +168,8 @@ def _ledger(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
         return 0
+    for note in notes:
+        print(note)
     if not rows:
         print("No signals have been sent from this device.")
         return 0
@@ -186,6 +189,31 @@ def _ledger(args: argparse.Namespace) -> int:
     for line in (header, *table):
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
     return 0
+
+
+def _ledger_notes(box: Outbox) -> list[str]:
+    """Lines about the device's state the wearer should see above the ledger: a deletion request and
+    where it stands, and a state that failed closed after damage."""
+    notes = []
+    deletion = deletion_state(box)
+    if deletion is not None:
+        when = dt.datetime.fromtimestamp(deletion.at, dt.UTC).isoformat(timespec="seconds")
+        if deletion.status is DeletionStatus.PENDING:
+            last = f", last refused: {deletion.last_code}" if deletion.last_code else ""
+            notes.append(
+                f"Deletion requested {when}: pending ({deletion.attempts} attempts{last}); nothing is sent "
+                "until the aggregator confirms it"
+            )
+        else:
+            notes.append(f"Deletion confirmed {when}: {deletion.status.value.replace('_', ' ')}")
+    lost = box.get_state(STATE_LOST_KEY)
+    if lost is not None:
+        when = dt.datetime.fromtimestamp(float(lost), dt.UTC).isoformat(timespec="seconds")
+        notes.append(
+            f"The device's settings were damaged ({when}) and failed closed: opted out and marked as a "
+            "minor until the wearer chooses again; a deletion requested before then must be asked again"
+        )
+    return notes
 
 
 def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
