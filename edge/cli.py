@@ -8,6 +8,10 @@
 Each query prints one JSON object on stdout (the stable contract):
 {"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
  "dropped": null | {"reason", "detail"}}
+reason: sensitive, region, opt_out, minor, no_speech, no_interest, or too_long (audio longer than 30 s:
+not decoded, not transcribed). Text is classified as a person reads it: Unicode format characters
+(bidi overrides, zero-width characters, line separators) are resolved or removed first, and "input" and
+"transcript" show that text. --text-file splits on "\\n" only.
 
 "signals" is the privacy filter's decision, before any noise. With --show-noised each object also has
 "sent" (the signals after local differential privacy: the daily budget, then randomized response with
@@ -25,12 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sotto.edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
-from sotto.edge.audio import AudioError, pcm16_to_audio
+from sotto.edge.audio import SAMPLE_RATE, AudioError, pcm16_to_audio
 from sotto.edge.classifier import BACKENDS
 from sotto.edge.client import DeletionStatus, deletion_state
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
 from sotto.edge.outbox import STATE_LOST_KEY, Outbox, OutboxError
-from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.pipeline import MAX_UTTERANCE_S, Analysis, EdgeConfig, EdgeModels, Pipeline, too_long
 from sotto.policy import Policy, PolicyError, models_dir
 
 
@@ -221,7 +225,8 @@ def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
     items: list[tuple[str, str | Path]] = [("text", t) for t in args.text]
     for path in args.text_file:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            # "\n" only: splitlines() would also split on U+2028, "\x1c" and others inside one query.
+            lines = path.read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
         items += [("text", line.strip()) for line in lines if line.strip()]
@@ -243,6 +248,10 @@ def _analyze(pipeline: Pipeline, items: list[tuple[str, str | Path]]) -> Iterato
             elif kind == "audio":
                 yield pipeline.analyze_file(item)
             else:
+                seconds = Path(item).stat().st_size / (2 * SAMPLE_RATE)
+                if seconds > MAX_UTTERANCE_S:  # not read at all: a long file would sit in memory whole
+                    yield Analysis(str(item), None, [], too_long(seconds))
+                    continue
                 yield pipeline.analyze_audio(pcm16_to_audio(Path(item).read_bytes()), label=str(item))
         except AudioError as exc:
             yield str(exc)
