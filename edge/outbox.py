@@ -108,6 +108,9 @@ _SCHEMA = (
     "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
 _DAY = 86400.0
+#: What reading a damaged file may raise: SQLite's errors, and a UnicodeDecodeError when SQLite's own
+#: error message quotes damaged bytes.
+_DB_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 #: The state row that seals all the others (a SHA-256 of every other row, sorted).
 STATE_DIGEST_KEY = "state_digest"
 #: Set, with the time, when the state could not be verified and was failed closed.
@@ -269,7 +272,7 @@ class Outbox:
         try:
             self._migrate()
             self._check_state()
-        except sqlite3.DatabaseError as exc:
+        except _DB_ERRORS as exc:
             # Damage the quick check did not see (it does not read every record): recover all the same.
             if self.path is None or self.recovery is not None:
                 raise
@@ -285,6 +288,7 @@ class Outbox:
     @staticmethod
     def _connect(target: str) -> sqlite3.Connection:
         conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10)
+        conn.text_factory = _text
         # auto_vacuum must be chosen before the first table exists; only then (setting it again on an
         # existing file rewrites its header: a file refused at open must be left as it was).
         if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
@@ -307,7 +311,8 @@ class Outbox:
         uri = f"{self.path.resolve().as_uri()}?mode=ro"
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)
-        except sqlite3.Error as exc:
+            conn.text_factory = _text
+        except _DB_ERRORS as exc:
             raise OutboxError(f"{self.path}: cannot open the outbox for reading ({exc})") from None
         try:
             rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
@@ -324,7 +329,13 @@ class Outbox:
                 )
             if version != SCHEMA_VERSION:
                 raise OutboxError(f"{self.path}: not an outbox (schema version {version})")
-        except sqlite3.Error as exc:
+            problem = _schema_problem(conn)
+            if problem is not None:
+                raise OutboxError(
+                    f"{self.path}: the outbox is damaged ({problem}); the device recovers it the next time "
+                    "it opens it"
+                )
+        except _DB_ERRORS as exc:
             conn.close()
             raise OutboxError(
                 f"{self.path}: cannot read the outbox, it is damaged or not an outbox ({exc}); the device "
@@ -791,23 +802,43 @@ class Outbox:
 
 
 def _integrity_problem(path: Path) -> str | None:
-    """None when ``path`` is missing, empty or passes ``PRAGMA quick_check``; else what is wrong."""
-    if not path.exists() or path.stat().st_size == 0:
+    """None when ``path`` is missing or passes ``PRAGMA quick_check``; else what is wrong.
+
+    An empty file is damage too: an outbox cut to nothing must not open as a new one that has forgotten
+    the wearer's choices (a device that crashed before its very first commit fails closed, harmlessly).
+    """
+    if not path.exists():
         return None
+    with path.open("rb") as fh:
+        header = fh.read(16)
+    if header != b"SQLite format 3\x00":
+        # SQLite takes a file shorter than its header for an empty database: it is not one here.
+        return "not an SQLite database (the file is empty, cut short or overwritten at its start)"
     try:
         # Read-write on purpose: after a crash the WAL must be replayed, which a read-only handle may refuse.
         with closing(sqlite3.connect(path, timeout=10)) as conn:
+            conn.text_factory = _text
             rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
             if rows != ["ok"]:
                 return rows[0] if rows else "quick_check returned nothing"
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version == SCHEMA_VERSION:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                missing = {"signals", "batches", "set_aside", "ledger", "counters", "state"} - tables
-                if missing:
-                    return f"tables missing: {', '.join(sorted(missing))}"
-    except sqlite3.DatabaseError as exc:
+                return _schema_problem(conn)
+            if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                return "tables without a schema version"
+    except _DB_ERRORS as exc:
         return str(exc)
+    return None
+
+
+def _schema_problem(conn: sqlite3.Connection) -> str | None:
+    """None when every table is defined exactly as this version creates it. quick_check does not read
+    the definitions: a damaged byte there would rename a column under every later query."""
+    stored = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    for statement in _SCHEMA:
+        name = statement.split()[2]
+        if stored.get(name) != statement:
+            return f"table {name} is missing or its definition is damaged"
     return None
 
 
@@ -836,7 +867,7 @@ def _read_rows(conn: sqlite3.Connection, table: str, columns: str) -> tuple[list
         try:
             for row in conn.execute(sql, args):
                 found[int(row[0])] = tuple(row[1:])
-        except sqlite3.DatabaseError:
+        except _DB_ERRORS:
             failures += 1
 
     select = f"SELECT rowid, {columns} FROM {table}"
@@ -859,7 +890,8 @@ def _salvage(path: Path) -> _Salvage:
     out = _Salvage()
     try:
         conn = sqlite3.connect(path, timeout=10)
-    except sqlite3.DatabaseError:
+        conn.text_factory = _text
+    except _DB_ERRORS:
         return out
     with closing(conn):
         # A truncated file's header claims more pages than the file has, which SQLite treats as corrupt
@@ -874,7 +906,7 @@ def _salvage(path: Path) -> _Salvage:
         for table, columns in tables.items():
             try:
                 rows, lost = _read_rows(conn, table, columns)
-            except sqlite3.DatabaseError:
+            except _DB_ERRORS:
                 continue  # the schema itself is unreadable: nothing of this table can be found
             out.unreadable += lost
             for row in rows:
@@ -884,16 +916,22 @@ def _salvage(path: Path) -> _Salvage:
                     out.unreadable += 1
         try:  # the wearer's choices (opt-out, a pending deletion): a few rows in a WITHOUT ROWID table
             out.state = [tuple(r) for r in conn.execute("SELECT key, value FROM state") if _valid("state", r)]
-        except sqlite3.DatabaseError:
+        except _DB_ERRORS:
             out.unreadable += 1
             out.state = []
         try:  # all or nothing: a partial set of counters would make the books wrong
             counters = [(n, v) for n, v in conn.execute("SELECT name, value FROM counters")]
             if all(isinstance(n, str) and isinstance(v, int) and v >= 0 for n, v in counters):
                 out.counters = counters
-        except sqlite3.DatabaseError:
+        except _DB_ERRORS:
             out.unreadable += 1
     return out
+
+
+def _text(raw: bytes) -> str:
+    """TEXT as SQLite returns it; a damaged byte becomes U+FFFD instead of an exception while reading,
+    so the row fails validation (or the state its digest) and is handled like any other damage."""
+    return raw.decode("utf-8", "replace")
 
 
 def _row_problem(profile_id: str, row: tuple[object, ...]) -> str | None:
