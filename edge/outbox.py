@@ -30,7 +30,7 @@ column a transcript or audio could go into. Deleted rows are overwritten (``secu
 pages are returned to the file system (``auto_vacuum=INCREMENTAL``), so an opt-out leaves nothing behind and
 the file stays small.
 
-A file that fails ``PRAGMA quick_check`` (or is not a database at all) at open is moved aside; whatever
+A file that fails ``PRAGMA integrity_check`` (or is not a database at all) at open is moved aside; whatever
 rows can still be read from it (queued signals and batches, the ledger, the counters, the state) are
 copied into a fresh outbox, and :attr:`Outbox.recovery` says how many. Signals the old counters account for
 but that could not be read are counted as ``signals_lost_damage``, so the books still balance. A queued
@@ -186,7 +186,7 @@ class Recovery:
 
     #: Where the damaged file (and its -wal/-shm companions) now are.
     moved_to: Path
-    #: Why the file was judged damaged (the first line of quick_check, or the error).
+    #: Why the file was judged damaged (the first line of integrity_check, or the error).
     problem: str
     #: Signals not yet sealed into a batch that were copied into the new outbox.
     recovered_signals: int
@@ -272,8 +272,9 @@ class Outbox:
         try:
             self._migrate()
             self._check_state()
+            self.enforce_limits()
         except _DB_ERRORS as exc:
-            # Damage the quick check did not see (it does not read every record): recover all the same.
+            # Damage the integrity check did not see: recover all the same.
             if self.path is None or self.recovery is not None:
                 raise
             self._conn.close()
@@ -281,7 +282,7 @@ class Outbox:
             self._conn = self._connect(str(self.path))
             self._migrate()
             self._check_state()
-        self.enforce_limits()
+            self.enforce_limits()
 
     # --- opening, checking, recovering -----------------------------------------------------------------
 
@@ -315,7 +316,7 @@ class Outbox:
         except _DB_ERRORS as exc:
             raise OutboxError(f"{self.path}: cannot open the outbox for reading ({exc})") from None
         try:
-            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
             if rows != ["ok"]:
                 raise OutboxError(
                     f"{self.path}: the outbox is damaged ({rows[0] if rows else 'no answer'}); the device "
@@ -802,7 +803,10 @@ class Outbox:
 
 
 def _integrity_problem(path: Path) -> str | None:
-    """None when ``path`` is missing or passes ``PRAGMA quick_check``; else what is wrong.
+    """None when ``path`` is missing or passes ``PRAGMA integrity_check``; else what is wrong.
+
+    integrity_check, not quick_check: it also checks every index against its table, and a ledger whose
+    index disagrees with it passes quick_check and fails the first write. The outbox is under a megabyte.
 
     An empty file is damage too: an outbox cut to nothing must not open as a new one that has forgotten
     the wearer's choices (a device that crashed before its very first commit fails closed, harmlessly).
@@ -818,9 +822,9 @@ def _integrity_problem(path: Path) -> str | None:
         # Read-write on purpose: after a crash the WAL must be replayed, which a read-only handle may refuse.
         with closing(sqlite3.connect(path, timeout=10)) as conn:
             conn.text_factory = _text
-            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
             if rows != ["ok"]:
-                return rows[0] if rows else "quick_check returned nothing"
+                return rows[0] if rows else "integrity_check returned nothing"
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version == SCHEMA_VERSION:
                 return _schema_problem(conn)
@@ -832,7 +836,7 @@ def _integrity_problem(path: Path) -> str | None:
 
 
 def _schema_problem(conn: sqlite3.Connection) -> str | None:
-    """None when every table is defined exactly as this version creates it. quick_check does not read
+    """None when every table is defined exactly as this version creates it. integrity_check does not read
     the definitions: a damaged byte there would rename a column under every later query."""
     stored = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
     for statement in _SCHEMA:
