@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sotto.edge.asr import AsrOptions
     from sotto.edge.audio import Audio, PcmStream, load_audio
-    from sotto.edge.client import DeliveryClient, TlsOptions
+    from sotto.edge.client import DeletionStatus, DeliveryClient, TlsOptions
     from sotto.edge.device import DeliveryOptions, Device
     from sotto.edge.ldp import LdpOptions, LocalPrivacy
     from sotto.edge.outbox import Outbox, OutboxLimits
@@ -34,6 +34,7 @@ _EXPORTS = {
     "Analysis": "sotto.edge.pipeline",
     "AsrOptions": "sotto.edge.asr",
     "Audio": "sotto.edge.audio",
+    "DeletionStatus": "sotto.edge.client",
     "DeliveryClient": "sotto.edge.client",
     "DeliveryOptions": "sotto.edge.device",
     "Device": "sotto.edge.device",
@@ -59,6 +60,7 @@ __all__ = [
     "Analysis",
     "AsrOptions",
     "Audio",
+    "DeletionStatus",
     "DeliveryClient",
     "DeliveryOptions",
     "Device",

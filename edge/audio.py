@@ -50,6 +50,30 @@ def load_audio(path: str | os.PathLike[str]) -> Audio:
     return Audio(np.ascontiguousarray(samples, dtype=np.float32))
 
 
+def probe_duration(path: str | os.PathLike[str]) -> float | None:
+    """The duration of an audio file in seconds from its header, without decoding it (None: the header
+    does not say); :class:`AudioError` when it is not a readable audio file."""
+    import av
+
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise AudioError(f"{name}: no such audio file")
+    try:
+        with av.open(name, metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise AudioError(f"{name}: contains no audio stream")
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            if container.duration is not None:
+                return container.duration / av.time_base
+    except AudioError:
+        raise
+    except Exception as exc:  # PyAV raises a family of FFmpeg errors; the caller needs only the cause.
+        raise AudioError(f"{name}: not a readable audio file ({type(exc).__name__}: {exc})") from None
+    return None
+
+
 def pcm16_to_audio(frames: bytes | bytearray | memoryview) -> Audio:
     """Convert raw little-endian 16 kHz mono int16 PCM (as firmware delivers it) to :class:`Audio`."""
     data = bytes(frames)

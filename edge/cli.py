@@ -8,6 +8,10 @@
 Each query prints one JSON object on stdout (the stable contract):
 {"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
  "dropped": null | {"reason", "detail"}}
+reason: sensitive, region, opt_out, minor, no_speech, no_interest, or too_long (audio longer than 30 s:
+not decoded, not transcribed). Text is classified as a person reads it: Unicode format characters
+(bidi overrides, zero-width characters, line separators) are resolved or removed first, and "input" and
+"transcript" show that text. --text-file splits on "\\n" only.
 
 "signals" is the privacy filter's decision, before any noise. With --show-noised each object also has
 "sent" (the signals after local differential privacy: the daily budget, then randomized response with
@@ -25,11 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sotto.edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
-from sotto.edge.audio import AudioError, pcm16_to_audio
+from sotto.edge.audio import SAMPLE_RATE, AudioError, pcm16_to_audio
 from sotto.edge.classifier import BACKENDS
+from sotto.edge.client import DeletionStatus, deletion_state
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
-from sotto.edge.outbox import Outbox, OutboxError
-from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.outbox import STATE_LOST_KEY, Outbox, OutboxError
+from sotto.edge.pipeline import MAX_UTTERANCE_S, Analysis, EdgeConfig, EdgeModels, Pipeline, too_long
 from sotto.policy import Policy, PolicyError, models_dir
 
 #: Where the device keeps its outbox unless told otherwise.
@@ -123,23 +128,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    """`sotto-edge ledger`: the transparency ledger as a table or JSON, or clear it."""
+    """`sotto-edge ledger`: the transparency ledger as a table or JSON, or clear it.
+
+    Reading never creates, moves or changes a file (the outbox is opened read-only); a file that cannot
+    be read is an error that names it. Only ``--clear`` writes, and only to an outbox that reads cleanly.
+    """
+    notes: list[str] = []
     if not args.outbox.exists():  # nothing was ever sent; do not create a file just to say so
         entries = []
     else:
         try:
-            with Outbox(args.outbox) as box:
-                if box.recovery is not None:
-                    print(
-                        f"sotto-edge: outbox was damaged ({box.recovery.problem}); moved to "
-                        f"{box.recovery.moved_to}, recovered {box.recovery.recovered_ledger_entries} "
-                        "ledger entries",
-                        file=sys.stderr,
-                    )
-                if args.clear:
-                    print(f"cleared {box.clear_ledger()} ledger entries")
-                    return 0
+            with Outbox(args.outbox, read_only=True) as box:
                 entries = box.ledger()
+                notes = _ledger_notes(box)
+            if args.clear:
+                with Outbox(args.outbox) as box:
+                    print(f"cleared {box.clear_ledger()} ledger entries")
+                return 0
         except (OutboxError, OSError) as exc:
             print(f"sotto-edge: error: {exc}", file=sys.stderr)
             return 2
@@ -166,6 +171,8 @@ def _ledger(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
         return 0
+    for note in notes:
+        print(note)
     if not rows:
         print("No signals have been sent from this device.")
         return 0
@@ -187,12 +194,38 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_notes(box: Outbox) -> list[str]:
+    """Lines about the device's state the wearer should see above the ledger: a deletion request and
+    where it stands, and a state that failed closed after damage."""
+    notes = []
+    deletion = deletion_state(box)
+    if deletion is not None:
+        when = dt.datetime.fromtimestamp(deletion.at, dt.UTC).isoformat(timespec="seconds")
+        if deletion.status is DeletionStatus.PENDING:
+            last = f", last refused: {deletion.last_code}" if deletion.last_code else ""
+            notes.append(
+                f"Deletion requested {when}: pending ({deletion.attempts} attempts{last}); nothing is sent "
+                "until the aggregator confirms it"
+            )
+        else:
+            notes.append(f"Deletion confirmed {when}: {deletion.status.value.replace('_', ' ')}")
+    lost = box.get_state(STATE_LOST_KEY)
+    if lost is not None:
+        when = dt.datetime.fromtimestamp(float(lost), dt.UTC).isoformat(timespec="seconds")
+        notes.append(
+            f"The device's settings were damaged ({when}) and failed closed: opted out and marked as a "
+            "minor until the wearer chooses again; a deletion requested before then must be asked again"
+        )
+    return notes
+
+
 def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
     """All inputs (texts, then text files, audio, PCM), checked before any model loads."""
     items: list[tuple[str, str | Path]] = [("text", t) for t in args.text]
     for path in args.text_file:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            # "\n" only: splitlines() would also split on U+2028, "\x1c" and others inside one query.
+            lines = path.read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
         items += [("text", line.strip()) for line in lines if line.strip()]
@@ -214,6 +247,10 @@ def _analyze(pipeline: Pipeline, items: list[tuple[str, str | Path]]) -> Iterato
             elif kind == "audio":
                 yield pipeline.analyze_file(item)
             else:
+                seconds = Path(item).stat().st_size / (2 * SAMPLE_RATE)
+                if seconds > MAX_UTTERANCE_S:  # not read at all: a long file would sit in memory whole
+                    yield Analysis(str(item), None, [], too_long(seconds))
+                    continue
                 yield pipeline.analyze_audio(pcm16_to_audio(Path(item).read_bytes()), label=str(item))
         except AudioError as exc:
             yield str(exc)

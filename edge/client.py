@@ -6,10 +6,43 @@ send, and sent oldest first; a batch leaves the outbox only when the aggregator 
 resend after a timeout, a lost reply, a crash or a reboot carries the same id and the aggregator applies
 it once.
 
-Retries: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (network, overload, rate limit) can succeed
-later, so the batch stays queued and is retried with exponential backoff and jitter, within a flush and
-between flushes. Every other refusal (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, ...) would fail
-the same way forever: that batch is set aside, counted, and never resent.
+Retries ask one question: can a resend of the same bytes succeed? Every status code has its answer in
+:data:`STATUS_ACTIONS`; ``retry`` keeps the batch queued (in order, with its id) and retries it with
+exponential backoff and jitter, within a flush and between flushes; ``set aside`` keeps it for inspection,
+counted, and never resends it. A resend of a batch the aggregator already applied (its reply was lost, or
+the call was cancelled after the work was done) is answered ``duplicate`` and counts as the acknowledgement.
+
+==================  ==========  ==========================================================================
+code                action      why
+==================  ==========  ==========================================================================
+OK                  ack         the aggregator stored the batch (or already had it: ``duplicate``)
+CANCELLED           retry       the call was cut (a burst, a server shutting down, a reconnect storm)
+UNKNOWN             retry       an unexpected server error or a broken stream: says nothing about the batch
+INVALID_ARGUMENT    set aside   a field the aggregator refuses; the same bytes fail the same way
+DEADLINE_EXCEEDED   retry       no answer in time; the aggregator may have applied it (then: duplicate)
+NOT_FOUND           set aside   not an Ingest answer for a batch; the same call gets the same answer
+ALREADY_EXISTS      set aside   another batch holds this id with different content
+PERMISSION_DENIED   set aside   the credential belongs to another profile
+RESOURCE_EXHAUSTED  retry       rate limit, concurrency limit or overload
+FAILED_PRECONDITION set aside   the aggregator's state forbids it (a profile marked as a minor)
+ABORTED             retry       a conflict with a concurrent call (a transaction aborted)
+OUT_OF_RANGE        set aside   a value outside what the aggregator accepts
+UNIMPLEMENTED       retry       an aggregator being upgraded or misrouted; an operator can fix it
+INTERNAL            retry       a server-side fault (a store error); a resend can succeed after it
+UNAVAILABLE         retry       network down, server restarting, store unavailable
+DATA_LOSS           set aside   unrecoverable corruption reported for this request
+UNAUTHENTICATED     set aside   the token is missing or revoked (for a deletion: see below)
+==================  ==========  ==========================================================================
+
+A batch that is retried forever is not a stall without end: the outbox drops batches past its age bound
+(30 days) and counts them.
+
+A deletion request (:meth:`DeliveryClient.delete_profile`) stays pending, and the device silent, until
+the aggregator confirms it, or until the refusal itself proves it already happened: ``UNAUTHENTICATED``
+after an earlier attempt that failed with a transient code (so it may have been applied), because a
+successful deletion revokes the device's token and only its reply was lost. Every
+other refusal keeps it pending (retried with backoff on later flushes); :func:`deletion_state` says
+where it stands, and ``sotto-edge ledger`` shows it.
 
 The device authenticates with a bearer token (sent as ``authorization`` call metadata, never inside a
 message) or a TLS client certificate; ``TlsOptions`` holds the certificates.
@@ -17,6 +50,8 @@ message) or a TLS client certificate; ``TlsOptions`` holds the certificates.
 
 from __future__ import annotations
 
+import enum
+import json
 import logging
 import os
 import random
@@ -35,14 +70,28 @@ from sotto.wire import canonical_region, check_profile_id
 
 log = logging.getLogger(__name__)
 
+_RETRY, _SET_ASIDE = "retry", "set_aside"
+#: What the client does after each status code (the table in this module's docstring).
+STATUS_ACTIONS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.CANCELLED: _RETRY,
+    grpc.StatusCode.UNKNOWN: _RETRY,
+    grpc.StatusCode.INVALID_ARGUMENT: _SET_ASIDE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: _RETRY,
+    grpc.StatusCode.NOT_FOUND: _SET_ASIDE,
+    grpc.StatusCode.ALREADY_EXISTS: _SET_ASIDE,
+    grpc.StatusCode.PERMISSION_DENIED: _SET_ASIDE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: _RETRY,
+    grpc.StatusCode.FAILED_PRECONDITION: _SET_ASIDE,
+    grpc.StatusCode.ABORTED: _RETRY,
+    grpc.StatusCode.OUT_OF_RANGE: _SET_ASIDE,
+    grpc.StatusCode.UNIMPLEMENTED: _RETRY,
+    grpc.StatusCode.INTERNAL: _RETRY,
+    grpc.StatusCode.UNAVAILABLE: _RETRY,
+    grpc.StatusCode.DATA_LOSS: _SET_ASIDE,
+    grpc.StatusCode.UNAUTHENTICATED: _SET_ASIDE,
+}
 #: Status codes after which the same batch can succeed later: it stays queued and is retried with backoff.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
+RETRYABLE = frozenset(code for code, action in STATUS_ACTIONS.items() if action == _RETRY)
 #: Client keepalive. gRPC servers answer pings sent more often than
 #: ``grpc.http2.min_ping_interval_without_data_ms`` (5 minutes, which ``server.service`` sets explicitly)
 #: with GOAWAY "too_many_pings" after two strikes, so the device never pings more often than that, and
@@ -60,6 +109,60 @@ _INGEST = "/sotto.v1.SignalAggregator/Ingest"
 #: State keys in the outbox.
 _OPTED_OUT = "opted_out"
 _DELETE_PENDING = "delete_pending"
+#: JSON {"requested_at", "attempts", "last_code", "last_at"} while pending; {"status", "at"} once settled.
+_DELETION = "deletion"
+
+
+class DeletionStatus(enum.Enum):
+    """Where a deletion request stands after :meth:`DeliveryClient.delete_profile` (one meaning each)."""
+
+    #: Not confirmed yet: kept in the outbox and retried on later flushes; nothing is queued or sent.
+    PENDING = "pending"
+    #: The aggregator confirmed it erased the profile.
+    ERASED = "erased"
+    #: The aggregator confirmed it holds nothing for this profile (nothing was ever stored, or it was
+    #: erased before).
+    NOTHING_TO_ERASE = "nothing_to_erase"
+    #: The aggregator refused with UNAUTHENTICATED after an earlier attempt: that attempt's deletion
+    #: revoked the token and only its reply was lost.
+    ALREADY_ERASED = "already_erased"
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionState:
+    """What the outbox remembers of the wearer's deletion request (for the ledger)."""
+
+    status: DeletionStatus
+    #: When it was requested (pending) or settled (otherwise), seconds since the epoch.
+    at: float
+    attempts: int = 0
+    #: The status code of the last failed attempt, while pending.
+    last_code: str | None = None
+
+
+def deletion_state(outbox: Outbox) -> DeletionState | None:
+    """Where the device's deletion request stands (None: it never asked for one)."""
+    raw = outbox.get_state(_DELETION)
+    pending = outbox.get_state(_DELETE_PENDING) is not None
+    try:
+        doc = json.loads(raw) if raw is not None else {}
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        doc = {}
+    if pending:
+        return DeletionState(
+            DeletionStatus.PENDING,
+            float(doc.get("requested_at", 0.0)),
+            int(doc.get("attempts", 0)),
+            doc.get("last_code"),
+        )
+    if "status" in doc:
+        try:
+            return DeletionState(DeletionStatus(doc["status"]), float(doc.get("at", 0.0)))
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +340,7 @@ class DeliveryClient:
         next try). Batches refused for good are set aside and counted.
         """
         with self._lock:
-            if self.deletion_pending and not self._deliver_deletion(raise_errors=False):
+            if self.deletion_pending and self._deliver_deletion() is DeletionStatus.PENDING:
                 return self._failed()
             if self.opted_out:
                 return True
@@ -320,44 +423,82 @@ class DeliveryClient:
     def deletion_pending(self) -> bool:
         return self.outbox.get_state(_DELETE_PENDING) == self.profile_id
 
-    def delete_profile(self) -> bool:
+    def delete_profile(self) -> DeletionStatus:
         """The wearer's deletion request: erase the outbox and the local ledger, then ask the aggregator
         to erase the profile.
 
-        The request is recorded in the outbox first, so when it cannot be delivered now (``grpc.RpcError``
-        is raised) the next :meth:`flush` delivers it, even after a reboot; until then nothing is queued
-        or sent. Returns True when the aggregator had something to erase. The aggregator also revokes the
-        device's token, so the device must be enrolled again, under a new profile id, to send more.
+        The request is recorded in the outbox first and stays there until the aggregator confirms it (or
+        its refusal proves it already happened, see the module docstring): when it cannot be confirmed
+        now, :attr:`DeletionStatus.PENDING` is returned and every later :meth:`flush` tries again, even
+        after a reboot; until then nothing is queued or sent. The aggregator also revokes the device's
+        token, so the device must be enrolled again, under a new profile id, to send more.
         """
         with self._lock:
-            self.outbox.set_state(_DELETE_PENDING, self.profile_id)
+            if not self.deletion_pending:
+                self.outbox.set_state(_DELETION, json.dumps({"requested_at": time.time(), "attempts": 0}))
+                self.outbox.set_state(_DELETE_PENDING, self.profile_id)
             self.outbox.purge()
             self.outbox.clear_ledger()
-            return self._deliver_deletion(raise_errors=True)
+            return self._deliver_deletion()
 
-    def _deliver_deletion(self, raise_errors: bool) -> bool:
+    def _deliver_deletion(self) -> DeletionStatus:
         request = signals_pb2.DeleteProfileRequest(profile_id=self.profile_id)
         for attempt in range(self.max_attempts):
+            previous = self._deletion_maybe_applied()
             try:
                 reply = self._stub.DeleteProfile(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.UNAUTHENTICATED and previous:
+                    return self._deletion_settled(DeletionStatus.ALREADY_ERASED)
+                self._deletion_failed(code.name, maybe_applied=code in RETRYABLE)
                 if code not in RETRYABLE:
-                    # Refused for good: typically the token is already revoked because an earlier
-                    # attempt went through and only its reply was lost. Do not try forever.
-                    self.outbox.set_state(_DELETE_PENDING, None)
-                    if raise_errors:
-                        raise
-                    return True
-                if attempt + 1 == self.max_attempts:
-                    if raise_errors:
-                        raise
-                    return False
-                self._sleep_backoff(attempt)
+                    # Not proof of anything: the request stays pending, the device silent.
+                    log.error(
+                        "the aggregator refused the deletion request (%s: %s); it stays pending",
+                        code.name,
+                        exc.details(),  # type: ignore[attr-defined]
+                    )
+                    return DeletionStatus.PENDING
+                if attempt + 1 < self.max_attempts:
+                    self._sleep_backoff(attempt)
                 continue
-            self.outbox.set_state(_DELETE_PENDING, None)
-            return bool(reply.deleted) if raise_errors else True
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            return self._deletion_settled(
+                DeletionStatus.ERASED if reply.deleted else DeletionStatus.NOTHING_TO_ERASE
+            )
+        return DeletionStatus.PENDING
+
+    def _deletion_doc(self) -> dict[str, object]:
+        try:
+            doc = json.loads(self.outbox.get_state(_DELETION) or "{}")
+        except ValueError:
+            doc = {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _deletion_maybe_applied(self) -> bool:
+        """True when an earlier attempt may have reached the aggregator and been applied (it failed with
+        a transient code, not after a refusal of the token), so a revoked token now proves it was."""
+        return self._deletion_doc().get("maybe_applied") is True
+
+    def _deletion_failed(self, code: str, maybe_applied: bool) -> None:
+        doc = self._deletion_doc()
+        attempts = doc.get("attempts", 0)
+        doc.update(
+            attempts=(attempts if isinstance(attempts, int) else 0) + 1, last_code=code, last_at=time.time()
+        )
+        if code == grpc.StatusCode.UNAUTHENTICATED.name:
+            # The token was refused before any attempt could have been applied: a later refusal proves
+            # nothing either.
+            doc["token_refused"] = True
+        if maybe_applied and not doc.get("token_refused"):
+            doc["maybe_applied"] = True
+        self.outbox.set_state(_DELETION, json.dumps(doc))
+
+    def _deletion_settled(self, status: DeletionStatus) -> DeletionStatus:
+        self.outbox.set_state(_DELETION, json.dumps({"status": status.value, "at": time.time()}))
+        self.outbox.set_state(_DELETE_PENDING, None)
+        log.info("deletion request settled: %s", status.value)
+        return status
 
     def close(self) -> None:
         if self._own_channel:

@@ -25,7 +25,7 @@ from types import TracebackType
 import grpc
 
 from sotto.edge.audio import Audio
-from sotto.edge.client import DeliveryClient, TlsOptions
+from sotto.edge.client import DeletionState, DeletionStatus, DeliveryClient, TlsOptions, deletion_state
 from sotto.edge.ldp import LdpOptions, LocalPrivacy
 from sotto.edge.outbox import LedgerEntry, Outbox, OutboxLimits
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
@@ -176,11 +176,15 @@ class Device:
     def deletion_pending(self) -> bool:
         return self.client.deletion_pending
 
-    def delete_profile(self) -> bool:
+    def delete_profile(self) -> DeletionStatus:
         """The wearer's deletion request (see ``DeliveryClient.delete_profile``): erases the outbox and
         the ledger at once and asks the aggregator to erase the profile, retrying on later flushes until
-        it is delivered."""
+        the aggregator confirms it; returns where it stands."""
         return self.client.delete_profile()
+
+    def deletion(self) -> DeletionState | None:
+        """Where the wearer's deletion request stands (None: there was none)."""
+        return deletion_state(self.outbox)
 
     # --- delivery and transparency -------------------------------------------------------------------
 

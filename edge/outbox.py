@@ -11,22 +11,42 @@ or age bound) or purged (opt-out, deletion) -- and every one of those is counted
 
 holds for signals at all times, across crashes.
 
-Durability: WAL with ``synchronous=FULL``. In WAL mode ``NORMAL`` survives an application crash but may
-lose the last commits on power loss, and the glasses lose power mid-send; FULL costs one fsync per commit,
-i.e. per utterance that yielded a signal (a few per hour), which is negligible next to the radio.
+Durability: a rollback journal (``journal_mode=DELETE``) with ``synchronous=FULL``. A commit is in the
+database file itself, synced, before :meth:`Outbox.add` returns, so no side file holds the only copy of an
+acknowledged-as-stored signal: a ``-journal`` lost after a crash can at worst leave the interrupted
+(uncommitted) transaction half applied, which the integrity check at the next open finds. In WAL mode a
+``-wal`` file deleted after a crash silently took every commit since the last checkpoint with it (77 of 97
+signals over 10 kill-and-delete cycles). The price is a few fsyncs per commit instead of one, i.e. per
+utterance that yielded a signal (a few per hour): see README's Delivery section for the measured cost.
+
+The device state (the opt-out, a pending deletion, the minor mark, the privacy budget) is a few rows in
+the ``state`` table, sealed by a digest row written in the same transaction. A state that cannot be
+verified at open (the digest is missing or wrong after a recovery, or wrong in a file that passed the
+integrity check) fails closed: the device is marked opted out and as a minor, today's privacy budget
+counts as spent, and ``state_lost`` records when; the wearer's explicit choice lifts each again.
 
 Only :class:`~edge.privacy.Interest` values (category id, weight level, day) are stored: there is no
 column a transcript or audio could go into. Deleted rows are overwritten (``secure_delete``) and freed
 pages are returned to the file system (``auto_vacuum=INCREMENTAL``), so an opt-out leaves nothing behind and
 the file stays small.
 
-A file that fails ``PRAGMA quick_check`` (or is not a database at all) at open is moved aside; whatever
-rows can still be read from it are copied into a fresh outbox, and :attr:`Outbox.recovery` says how many.
+A file that fails ``PRAGMA integrity_check`` (or is not a database at all) at open is moved aside; whatever
+rows can still be read from it (queued signals and batches, the ledger, the counters, the state) are
+copied into a fresh outbox, and :attr:`Outbox.recovery` says how many. Signals the old counters account for
+but that could not be read are counted as ``signals_lost_damage``, so the books still balance. A queued
+row that cannot form a valid batch (a damaged region, category or weight) is quarantined: removed from the
+queue, counted as ``signals_quarantined`` and logged, instead of stalling every later batch.
+
+``read_only=True`` opens an existing file for reading only (``sotto-edge ledger``): nothing is created,
+moved, recovered or written, and a file that cannot be read raises :class:`OutboxError`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import logging
 import os
 import sqlite3
 import threading
@@ -41,7 +61,9 @@ from google.protobuf.message import DecodeError
 from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.v1 import signals_pb2
-from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, epsilon_milli
+from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, day_number, epsilon_milli
+
+log = logging.getLogger(__name__)
 
 #: Version of the tables below, kept in ``PRAGMA user_version``; a newer file is refused, not guessed at.
 SCHEMA_VERSION = 1
@@ -86,6 +108,17 @@ _SCHEMA = (
     "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
 _DAY = 86400.0
+#: What reading a damaged file may raise: SQLite's errors, and a UnicodeDecodeError when SQLite's own
+#: error message quotes damaged bytes.
+_DB_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+#: The state row that seals all the others (a SHA-256 of every other row, sorted).
+STATE_DIGEST_KEY = "state_digest"
+#: Set, with the time, when the state could not be verified and was failed closed.
+STATE_LOST_KEY = "state_lost"
+#: What an unverifiable state becomes (the keys are those of ``client``, ``device`` and ``ldp``): opted
+#: out, marked as a minor, today's privacy budget spent.
+_FAIL_CLOSED = ("opted_out", "minor")
+_BUDGET_KEY = "privacy_budget"
 
 
 class OutboxError(Exception):
@@ -153,7 +186,7 @@ class Recovery:
 
     #: Where the damaged file (and its -wal/-shm companions) now are.
     moved_to: Path
-    #: Why the file was judged damaged (the first line of quick_check, or the error).
+    #: Why the file was judged damaged (the first line of integrity_check, or the error).
     problem: str
     #: Signals not yet sealed into a batch that were copied into the new outbox.
     recovered_signals: int
@@ -162,6 +195,11 @@ class Recovery:
     recovered_ledger_entries: int
     #: Rows that could be located but not read, or whose content was invalid.
     unreadable_rows: int
+    #: Whether the lifetime counters were read back (else the books start again from what was found).
+    counters_recovered: bool = False
+    #: Whether the state (opt-out, minor mark, deletion, budget) was read back intact; when it was not,
+    #: it failed closed (see the module docstring).
+    state_verified: bool = False
 
 
 #: Every way a signal leaves the outbox (lifetime counters). With what is still queued they add up to
@@ -172,6 +210,8 @@ SIGNAL_EXITS = (
     "signals_dropped_overflow",
     "signals_dropped_age",
     "signals_purged",
+    "signals_quarantined",
+    "signals_lost_damage",
 )
 
 
@@ -207,12 +247,18 @@ class Outbox:
         path: str | os.PathLike[str] | None,
         limits: OutboxLimits | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.path = None if path is None else Path(path)
         self.limits = limits or OutboxLimits()
         self._clock = clock
         self._lock = threading.RLock()
         self.recovery: Recovery | None = None
+        self.read_only = read_only
+        if read_only:
+            self._conn = self._connect_read_only()
+            return
         if self.path is None:
             self._conn = self._connect(":memory:")
         else:
@@ -223,25 +269,82 @@ class Outbox:
             if problem is not None:
                 self.recovery = self._recover(problem)
             self._conn = self._connect(str(self.path))
-        self._migrate()
-        self.enforce_limits()
+        try:
+            self._migrate()
+            self._check_state()
+            self.enforce_limits()
+        except _DB_ERRORS as exc:
+            # Damage the integrity check did not see: recover all the same.
+            if self.path is None or self.recovery is not None:
+                raise
+            self._conn.close()
+            self.recovery = self._recover(str(exc))
+            self._conn = self._connect(str(self.path))
+            self._migrate()
+            self._check_state()
+            self.enforce_limits()
 
     # --- opening, checking, recovering -----------------------------------------------------------------
 
     @staticmethod
     def _connect(target: str) -> sqlite3.Connection:
         conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10)
-        # auto_vacuum must be chosen before the first table exists; it is a no-op on an existing file.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.text_factory = _text
+        # auto_vacuum must be chosen before the first table exists; only then (setting it again on an
+        # existing file rewrites its header: a file refused at open must be left as it was).
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         if target != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
+            # A rollback journal, not WAL: see the module docstring (a lost side file must not lose a
+            # committed signal). Converts a file written in WAL mode by earlier versions.
+            conn.execute("PRAGMA journal_mode = DELETE")
             conn.execute("PRAGMA synchronous = FULL")
-            # Keep the WAL file from growing past 1 MiB after checkpoints.
-            # Checkpoint every 100 pages (400 KiB) instead of 1,000, and truncate the WAL to 1 MiB after.
-            conn.execute("PRAGMA wal_autocheckpoint = 100")
-            conn.execute("PRAGMA journal_size_limit = 1048576")
         conn.execute("PRAGMA secure_delete = ON")
         conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A read-only handle on an existing outbox, or ``OutboxError`` saying why it cannot be read."""
+        if self.path is None:
+            raise OutboxError("a read-only outbox needs a file")
+        if not self.path.is_file():
+            raise OutboxError(f"{self.path}: no such outbox file")
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)
+            conn.text_factory = _text
+        except _DB_ERRORS as exc:
+            raise OutboxError(f"{self.path}: cannot open the outbox for reading ({exc})") from None
+        try:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+            if rows != ["ok"]:
+                raise OutboxError(
+                    f"{self.path}: the outbox is damaged ({rows[0] if rows else 'no answer'}); the device "
+                    "recovers it the next time it opens it"
+                )
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"{self.path}: outbox schema version {version} is newer than this software "
+                    f"({SCHEMA_VERSION})"
+                )
+            if version != SCHEMA_VERSION:
+                raise OutboxError(f"{self.path}: not an outbox (schema version {version})")
+            problem = _schema_problem(conn)
+            if problem is not None:
+                raise OutboxError(
+                    f"{self.path}: the outbox is damaged ({problem}); the device recovers it the next time "
+                    "it opens it"
+                )
+        except _DB_ERRORS as exc:
+            conn.close()
+            raise OutboxError(
+                f"{self.path}: cannot read the outbox, it is damaged or not an outbox ({exc}); the device "
+                "recovers a damaged outbox the next time it opens it"
+            ) from None
+        except OutboxError:
+            conn.close()
+            raise
         return conn
 
     def _migrate(self) -> None:
@@ -263,7 +366,7 @@ class Outbox:
         assert self.path is not None
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", "-journal"):
             src = Path(f"{self.path}{suffix}")
             if src.exists():
                 src.rename(Path(f"{moved}{suffix}"))
@@ -271,6 +374,9 @@ class Outbox:
         self._conn = self._connect(str(self.path))
         self._migrate()
         unreadable = salvage.unreadable
+        state = dict(salvage.state)
+        verified = _state_verified(state)
+        now = self._clock()
         with self._tx() as conn:
             for region, cid, level, day, milli, created in salvage.signals:
                 conn.execute(
@@ -291,17 +397,40 @@ class Outbox:
                     "sent_at) VALUES (?, ?, ?, ?, ?, ?)",
                     row,
                 )
-            for name, value in salvage.state:
+            state.pop(STATE_DIGEST_KEY, None)
+            if not verified:
+                state.update(self._failed_closed_state(now))
+            for name, value in state.items():
                 conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (name, value))
+            self._seal_state(conn)
             recovered_signals = len(salvage.signals) + sum(
                 len(signals_pb2.SignalBatch.FromString(p).signals) for _, p, _ in salvage.batches
             )
-            # The old counters may be lost; start the books again from what is actually queued now.
+            counters = dict(salvage.counters)
+            if counters:
+                # The books go on: what they say was queued but could not be read is counted as lost.
+                for counter, count in counters.items():
+                    self._bump(conn, counter, count)
+                queued_before = counters.get("signals_added", 0) - sum(
+                    counters.get(n, 0) for n in SIGNAL_EXITS
+                )
+                lost = queued_before - recovered_signals
+                if lost > 0:
+                    self._bump(conn, "signals_lost_damage", lost)
+                elif lost < 0:  # more than the counters knew of (counters older than the rows)
+                    self._bump(conn, "signals_added", -lost)
+            else:
+                # The old counters are lost; start the books again from what is actually queued now.
+                self._bump(conn, "signals_added", recovered_signals)
             self._bump(conn, "recovered_signals", recovered_signals)
-            self._bump(conn, "signals_added", recovered_signals)
             self._bump(conn, "recoveries", 1)
             self._bump(conn, "unreadable_rows", unreadable)
         self._conn.close()
+        if not verified:
+            log.error(
+                "the outbox's device state could not be verified after damage: failed closed (opted out, "
+                "marked as a minor, today's privacy budget spent) until the wearer chooses again"
+            )
         return Recovery(
             moved_to=moved,
             problem=problem,
@@ -309,6 +438,39 @@ class Outbox:
             recovered_batches=len(salvage.batches),
             recovered_ledger_entries=len(salvage.ledger),
             unreadable_rows=unreadable,
+            counters_recovered=bool(salvage.counters),
+            state_verified=verified,
+        )
+
+    def _failed_closed_state(self, now: float) -> dict[str, str]:
+        """The state that replaces one that cannot be verified: as private as the device can be."""
+        state = {key: "1" for key in _FAIL_CLOSED}
+        day = day_number(dt.datetime.fromtimestamp(now, dt.UTC).date())
+        # More than any daily budget: nothing more leaves today; tomorrow's budget is fresh.
+        state[_BUDGET_KEY] = json.dumps({"day": day, "spent": 2**31})
+        state[STATE_LOST_KEY] = str(now)
+        return state
+
+    def _check_state(self) -> None:
+        """Verify the state's digest at open; seal a state written by an earlier version; fail closed on a
+        digest that does not match (damage the integrity check cannot see)."""
+        with self._tx() as conn:
+            state = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM state")}
+            if STATE_DIGEST_KEY not in state:
+                self._seal_state(conn)  # a file from before digests: nothing to check it against
+                return
+            if _state_verified(state):
+                return
+            log.error("the outbox's device state does not match its digest: failed closed")
+            for name, value in self._failed_closed_state(self._clock()).items():
+                conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (name, value))
+            self._seal_state(conn)
+
+    @staticmethod
+    def _seal_state(conn: sqlite3.Connection) -> None:
+        rows = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM state")}
+        conn.execute(
+            "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (STATE_DIGEST_KEY, _state_digest(rows))
         )
 
     # --- transactions and counters ---------------------------------------------------------------------
@@ -381,6 +543,16 @@ class Outbox:
                 ).fetchall()
                 if not rows:
                     break
+                damaged = [r for r in rows if _row_problem(profile_id, r) is not None]
+                if damaged:
+                    for row in damaged:
+                        log.warning(
+                            "quarantined a queued signal that cannot be sent (%s)",
+                            _row_problem(profile_id, row),
+                        )
+                    conn.executemany("DELETE FROM signals WHERE seq = ?", [(r[0],) for r in damaged])
+                    self._bump(conn, "signals_quarantined", len(damaged))
+                    continue
                 chunk = [rows[0]]
                 for row in rows[1:]:
                     days = [r[4] for r in chunk] + [row[4]]
@@ -568,11 +740,9 @@ class Outbox:
         return int(n)
 
     def _vacuum(self) -> None:
+        # In rollback-journal mode the journal holding the erased rows' old pages is deleted at commit.
         with self._lock:
             self._reclaim(threshold=0)
-            if self.path is not None:
-                # Fold the WAL (which still holds the erased rows' old pages) into the file and truncate it.
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def get_state(self, key: str) -> str | None:
         with self._lock:
@@ -580,11 +750,20 @@ class Outbox:
         return None if row is None else str(row[0])
 
     def set_state(self, key: str, value: str | None) -> None:
+        """Set (or with None remove) one state value, durably."""
+        self.set_states({key: value})
+
+    def set_states(self, values: dict[str, str | None]) -> None:
+        """Set (None: remove) several state values in one transaction, with the digest that seals them."""
+        if STATE_DIGEST_KEY in values:
+            raise ValueError(f"{STATE_DIGEST_KEY!r} is kept by the outbox itself")
         with self._tx() as conn:
-            if value is None:
-                conn.execute("DELETE FROM state WHERE key = ?", (key,))
-            else:
-                conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+            for key, value in values.items():
+                if value is None:
+                    conn.execute("DELETE FROM state WHERE key = ?", (key,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+            self._seal_state(conn)
 
     # --- reading ---------------------------------------------------------------------------------------
 
@@ -624,23 +803,46 @@ class Outbox:
 
 
 def _integrity_problem(path: Path) -> str | None:
-    """None when ``path`` is missing, empty or passes ``PRAGMA quick_check``; else what is wrong."""
-    if not path.exists() or path.stat().st_size == 0:
+    """None when ``path`` is missing or passes ``PRAGMA integrity_check``; else what is wrong.
+
+    integrity_check, not quick_check: it also checks every index against its table, and a ledger whose
+    index disagrees with it passes quick_check and fails the first write. The outbox is under a megabyte.
+
+    An empty file is damage too: an outbox cut to nothing must not open as a new one that has forgotten
+    the wearer's choices (a device that crashed before its very first commit fails closed, harmlessly).
+    """
+    if not path.exists():
         return None
+    with path.open("rb") as fh:
+        header = fh.read(16)
+    if header != b"SQLite format 3\x00":
+        # SQLite takes a file shorter than its header for an empty database: it is not one here.
+        return "not an SQLite database (the file is empty, cut short or overwritten at its start)"
     try:
         # Read-write on purpose: after a crash the WAL must be replayed, which a read-only handle may refuse.
         with closing(sqlite3.connect(path, timeout=10)) as conn:
-            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+            conn.text_factory = _text
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
             if rows != ["ok"]:
-                return rows[0] if rows else "quick_check returned nothing"
+                return rows[0] if rows else "integrity_check returned nothing"
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version == SCHEMA_VERSION:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                missing = {"signals", "batches", "set_aside", "ledger", "counters", "state"} - tables
-                if missing:
-                    return f"tables missing: {', '.join(sorted(missing))}"
-    except sqlite3.DatabaseError as exc:
+                return _schema_problem(conn)
+            if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                return "tables without a schema version"
+    except _DB_ERRORS as exc:
         return str(exc)
+    return None
+
+
+def _schema_problem(conn: sqlite3.Connection) -> str | None:
+    """None when every table is defined exactly as this version creates it. integrity_check does not read
+    the definitions: a damaged byte there would rename a column under every later query."""
+    stored = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    for statement in _SCHEMA:
+        name = statement.split()[2]
+        if stored.get(name) != statement:
+            return f"table {name} is missing or its definition is damaged"
     return None
 
 
@@ -650,6 +852,7 @@ class _Salvage:
     batches: list[tuple[bytes, bytes, float]] = field(default_factory=list)
     ledger: list[tuple[bytes, int, str, int, int, float]] = field(default_factory=list)
     state: list[tuple[str, str]] = field(default_factory=list)
+    counters: list[tuple[str, int]] = field(default_factory=list)
     unreadable: int = 0
 
 
@@ -668,7 +871,7 @@ def _read_rows(conn: sqlite3.Connection, table: str, columns: str) -> tuple[list
         try:
             for row in conn.execute(sql, args):
                 found[int(row[0])] = tuple(row[1:])
-        except sqlite3.DatabaseError:
+        except _DB_ERRORS:
             failures += 1
 
     select = f"SELECT rowid, {columns} FROM {table}"
@@ -691,7 +894,8 @@ def _salvage(path: Path) -> _Salvage:
     out = _Salvage()
     try:
         conn = sqlite3.connect(path, timeout=10)
-    except sqlite3.DatabaseError:
+        conn.text_factory = _text
+    except _DB_ERRORS:
         return out
     with closing(conn):
         # A truncated file's header claims more pages than the file has, which SQLite treats as corrupt
@@ -706,7 +910,7 @@ def _salvage(path: Path) -> _Salvage:
         for table, columns in tables.items():
             try:
                 rows, lost = _read_rows(conn, table, columns)
-            except sqlite3.DatabaseError:
+            except _DB_ERRORS:
                 continue  # the schema itself is unreadable: nothing of this table can be found
             out.unreadable += lost
             for row in rows:
@@ -716,9 +920,50 @@ def _salvage(path: Path) -> _Salvage:
                     out.unreadable += 1
         try:  # the wearer's choices (opt-out, a pending deletion): a few rows in a WITHOUT ROWID table
             out.state = [tuple(r) for r in conn.execute("SELECT key, value FROM state") if _valid("state", r)]
-        except sqlite3.DatabaseError:
+        except _DB_ERRORS:
+            out.unreadable += 1
+            out.state = []
+        try:  # all or nothing: a partial set of counters would make the books wrong
+            counters = [(n, v) for n, v in conn.execute("SELECT name, value FROM counters")]
+            if all(isinstance(n, str) and isinstance(v, int) and v >= 0 for n, v in counters):
+                out.counters = counters
+        except _DB_ERRORS:
             out.unreadable += 1
     return out
+
+
+def _text(raw: bytes) -> str:
+    """TEXT as SQLite returns it; a damaged byte becomes U+FFFD instead of an exception while reading,
+    so the row fails validation (or the state its digest) and is handled like any other damage."""
+    return raw.decode("utf-8", "replace")
+
+
+def _row_problem(profile_id: str, row: tuple[object, ...]) -> str | None:
+    """Why a queued signal row (seq, region, category, weight, day, created, epsilon) cannot go into a
+    batch (a damaged byte: ``Us`` for ``US``), or None. The same checks ``encode_batch`` applies."""
+    _, region, cid, level, day, _, milli = row
+    try:
+        if not (isinstance(region, str) and isinstance(cid, str) and isinstance(level, int)):
+            raise ValueError("a field has the wrong type")
+        if not (isinstance(day, int) and isinstance(milli, int)):
+            raise ValueError("a field has the wrong type")
+        encode_batch(
+            profile_id, region, [Interest(cid, level, day, epsilon=milli / EPSILON_SCALE if milli else None)]
+        )
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _state_digest(rows: dict[str, str]) -> str:
+    """The digest that seals the state: every row but the digest itself, in key order."""
+    content = sorted((k, v) for k, v in rows.items() if k != STATE_DIGEST_KEY)
+    return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()
+
+
+def _state_verified(rows: dict[str, str]) -> bool:
+    """True when ``rows`` hold a digest row and it matches every other row (nothing lost or changed)."""
+    return rows.get(STATE_DIGEST_KEY) == _state_digest(rows)
 
 
 def _valid(table: str, row: tuple[object, ...]) -> bool:

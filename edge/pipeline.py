@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from sotto.edge.asr import AsrOptions, Transcriber
-from sotto.edge.audio import Audio, load_audio
+from sotto.edge.audio import Audio, load_audio, probe_duration
 from sotto.edge.classifier import TextClassifier
 from sotto.edge.ldp import LocalPrivacy
 from sotto.edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
+from sotto.edge.text import readings
 from sotto.edge.vad import SpeechGate, SpeechGateOptions
 from sotto.policy import Policy, models_dir
 from sotto.wire import canonical_region
@@ -127,6 +128,17 @@ class EdgeModels:
         _ = self.speech_gate, self.transcriber
 
 
+#: The longest utterance analysed (Whisper's window; ``PcmStream`` keeps at most as much): a longer one is
+#: not a query but a recording, and is dropped (``too_long``) before it is decoded or transcribed.
+MAX_UTTERANCE_S = 30.0
+
+
+def too_long(seconds: float) -> Dropped:
+    return Dropped(
+        "too_long", f"{seconds:.1f} s of audio; an utterance may last at most {MAX_UTTERANCE_S:g} s"
+    )
+
+
 class Pipeline:
     """One device: its region, the wearer's settings (opt-out, minor), local differential privacy, and the
     shared models."""
@@ -159,10 +171,13 @@ class Pipeline:
     def analyze_text(self, text: str, today: dt.date | None = None, label: str | None = None) -> Analysis:
         """Classify and filter a transcript or typed query."""
         day = today or dt.datetime.now(dt.UTC).date()
+        # Format characters resolved first (edge.text): what is printed and classified is what a person
+        # reads, never the raw bidi overrides or zero-width characters.
+        texts = readings(text)
         gate = self.filter.gate(self.region, day)
         if gate is not None:
-            return Analysis(label if label is not None else text, None, [], gate)
-        return self._classify(label if label is not None else text, text, day, {})
+            return Analysis(label if label is not None else texts[0], None, [], gate)
+        return self._classify(label if label is not None else texts[0], texts, day, {})
 
     def analyze_audio(self, audio: Audio, label: str = "<pcm>", today: dt.date | None = None) -> Analysis:
         """Run the whole chain on one utterance of 16 kHz mono audio."""
@@ -170,6 +185,8 @@ class Pipeline:
         gate = self.filter.gate(self.region, day)
         if gate is not None:  # opted out or blocked region: the audio is not even looked at
             return Analysis(label, None, [], gate)
+        if audio.duration_s > MAX_UTTERANCE_S:
+            return Analysis(label, None, [], too_long(audio.duration_s))
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         speech = self.models.speech_gate.detect(audio)
@@ -181,9 +198,12 @@ class Pipeline:
         timings["asr"] = (time.perf_counter() - t1) * 1000
         if not transcript.text:
             return Analysis(label, "", [], Dropped("no_speech", "no words recognised"), timings)
-        return self._classify(label, transcript.text, day, timings)
+        return self._classify(label, readings(transcript.text), day, timings)
 
     def analyze_file(self, path: str | os.PathLike[str], today: dt.date | None = None) -> Analysis:
+        duration = probe_duration(path)  # before decoding: a long file would be decoded whole
+        if duration is not None and duration > MAX_UTTERANCE_S:
+            return Analysis(str(Path(path)), None, [], too_long(duration))
         t0 = time.perf_counter()
         audio = load_audio(path)
         load_ms = (time.perf_counter() - t0) * 1000
@@ -191,9 +211,12 @@ class Pipeline:
         result.timings_ms["audio"] = load_ms
         return result
 
-    def _classify(self, label: str, transcript: str, day: dt.date, timings: dict[str, float]) -> Analysis:
+    def _classify(self, label: str, texts: list[str], day: dt.date, timings: dict[str, float]) -> Analysis:
+        transcript = texts[0]
         t0 = time.perf_counter()
-        output = self.models.classifier.classify(transcript)
+        # Text that reads one way and is stored another is classified both ways: the most sensitive
+        # reading decides, so hiding a sensitive query behind a bidi override fails closed.
+        output = max((self.models.classifier.classify(t) for t in texts), key=lambda o: o.sensitive)
         t1 = time.perf_counter()
         decision = self.filter.decide(output, day)
         timings["classify"] = (t1 - t0) * 1000

@@ -15,7 +15,7 @@ from sotto.edge.classifier import ClassifierOutput
 from sotto.policy import Policy
 from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, day_number, weight
 
-DROP_REASONS = ("sensitive", "region", "opt_out", "minor", "no_speech", "no_interest")
+DROP_REASONS = ("sensitive", "region", "opt_out", "minor", "no_speech", "no_interest", "too_long")
 
 
 @dataclass(frozen=True, slots=True)

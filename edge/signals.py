@@ -14,9 +14,9 @@ from sotto.v1 import signals_pb2
 from sotto.wire import (
     MAX_DAY_OFFSET,
     PROFILE_ID_PATTERN,
-    REGION_PATTERN,
     TAXONOMY_VERSION,
     WEIGHT_LEVELS,
+    assigned_regions,
     epsilon_milli,
 )
 
@@ -36,8 +36,10 @@ def encode_batch(
     """
     if not PROFILE_ID_PATTERN.fullmatch(profile_id):
         raise ValueError(f"profile id {profile_id!r} must be 8 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
-    if not REGION_PATTERN.fullmatch(region):
-        raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
+    if region not in assigned_regions():
+        raise ValueError(
+            f"region {region!r} must be an officially assigned ISO 3166-1 alpha-2 code such as 'US'"
+        )
     if not interests:
         raise ValueError("a batch needs at least one signal")
     # The batch declares the mechanism its signals went through, so the aggregator can de-bias counts;

@@ -18,9 +18,9 @@ from sotto.wire import (
     MAX_DAY_OFFSET,
     MAX_EPSILON,
     PROFILE_ID_PATTERN,
-    REGION_PATTERN,
     TAXONOMY_VERSION,
     WEIGHT_LEVELS,
+    assigned_regions,
     date_of,
 )
 
@@ -132,11 +132,13 @@ def validate_batch(msg: signals_pb2.SignalBatch, config: ServerConfig) -> Batch:
             "batch_id", f"batch_id must be exactly {BATCH_ID_BYTES} bytes; got {len(msg.batch_id)}"
         )
     validate_profile_id(msg.profile_id)
-    if not REGION_PATTERN.fullmatch(msg.region):
+    if msg.region not in assigned_regions():
+        # The same rule as the device's (sotto.wire): a region the region table cannot place is never
+        # profiled. No alias on the wire: the device maps 'UK' to 'GB' before it stores a signal.
         raise ValidationError(
             "region",
-            "region must be an ISO 3166-1 alpha-2 code in upper case, for example 'US'; "
-            f"got {quoted(msg.region)}",
+            "region must be an officially assigned ISO 3166-1 alpha-2 code in upper case, for example "
+            f"'US' or 'GB'; got {quoted(msg.region)}",
         )
     rule = config.policy.regions.blocked(msg.region, config.clock())
     if rule is not None:

@@ -2,8 +2,9 @@
 
     python -m tools.bench_outbox            # prints JSON; the README's outbox figures come from here
 
-A durable add is one SQLite transaction with WAL and synchronous=FULL (an fsync); the full outbox is the
-default bound (1,000 batches of 20 signals) on disk, WAL included, after it has drained again.
+A durable add is one SQLite transaction with a rollback journal and synchronous=FULL (the journal and
+the database synced, the journal deleted); the full outbox is the default bound (1,000 batches of 20
+signals) on disk, side files included, and again after it has drained.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from sotto.edge.client import DeliveryClient, TlsOptions
 from sotto.edge.device import DeliveryOptions, Device
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels
-from sotto.wire import REGION_PATTERN
+from sotto.wire import canonical_region
 from tools.extras import need
 from tools.paths import SPEECH, child_env
 
@@ -500,8 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kill-every, --offline-for, --max-delay and --drain-seconds must be at least 0")
     if args.kill_every and args.outbox_dir is None:
         parser.error("--kill-every needs --outbox-dir: the outboxes must outlive the killed process")
-    regions = [r.strip().upper() for r in args.region.split(",") if r.strip()]
-    if not regions or not all(REGION_PATTERN.fullmatch(r) for r in regions):
+    try:
+        regions = [canonical_region(r) for r in args.region.split(",") if r.strip()]
+    except ValueError as exc:
+        parser.error(f"--region {args.region!r}: {exc}")
+    if not regions:
         parser.error(f"--region {args.region!r}: expected ISO 3166-1 alpha-2 codes such as US or US,DE")
     if args.devices < 1 or args.workers < 1 or args.batch_size < 1 or args.per_device < 0:
         parser.error("--devices, --workers and --batch-size must be at least 1; --per-device at least 0")

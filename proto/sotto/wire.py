@@ -6,7 +6,11 @@ anything is written. Pure standard library, so that both import it without any m
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import functools
+import importlib.resources
+import io
 import math
 import re
 
@@ -17,9 +21,11 @@ __all__ = [
     "MAX_EPSILON",
     "MAX_WEIGHT_LEVEL",
     "PROFILE_ID_PATTERN",
+    "REGION_ALIASES",
     "REGION_PATTERN",
     "TAXONOMY_VERSION",
     "WEIGHT_LEVELS",
+    "assigned_regions",
     "canonical_region",
     "check_profile_id",
     "date_of",
@@ -35,6 +41,17 @@ TAXONOMY_VERSION = "3.1"
 PROFILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
 #: The shape of a region code (ISO 3166-1 alpha-2, upper case); the region table decides what it means.
 REGION_PATTERN = re.compile(r"[A-Z]{2}")
+#: Names in common use that are not the ISO code of their country, mapped on the device before anything is
+#: stored. Only ``UK``: ISO 3166 reserves it, at the United Kingdom's request, for the country whose code
+#: is ``GB``, so the meaning is certain. Every other non-assigned code is refused, on purpose: ``EU`` is a
+#: union whose members have different rules, ``EL`` (the EU's own code for Greece) and user-assigned codes
+#: such as ``XX`` or ``ZZ`` mean whatever their user meant. The aggregator applies no alias: the wire only
+#: ever carries an assigned code, and ``UK`` arriving there is refused like any other unassigned code.
+REGION_ALIASES: dict[str, str] = {"UK": "GB"}
+#: The officially assigned ISO 3166-1 alpha-2 codes (code and English short name), package data of
+#: ``sotto.models``. Source: Debian's iso-codes 4.15.0, ``/usr/share/iso-codes/json/iso_3166-1.json``
+#: (the ISO 3166 Maintenance Agency's list of officially assigned codes), 249 entries.
+ISO_3166_FILE = "iso3166_1_alpha2.tsv"
 #: A batch may carry signals at most this many days older than its base_day.
 MAX_DAY_OFFSET = 30
 
@@ -60,12 +77,33 @@ def check_profile_id(profile_id: str) -> str:
     return profile_id
 
 
+@functools.cache
+def assigned_regions() -> frozenset[str]:
+    """Every officially assigned ISO 3166-1 alpha-2 code (read once from ``sotto.models``)."""
+    path = importlib.resources.files("sotto.models") / ISO_3166_FILE
+    text = path.read_text(encoding="utf-8")
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    codes = frozenset(row["code"] for row in reader)
+    if len(codes) < 200 or not all(REGION_PATTERN.fullmatch(c) for c in codes):
+        # Fail closed: without the list no region could be placed, and none must be guessed at.
+        raise RuntimeError(f"{path}: not a list of ISO 3166-1 alpha-2 codes")
+    return codes
+
+
 def canonical_region(region: str) -> str:
-    """The region as it travels (upper case), or ``ValueError`` when it is not shaped like an ISO 3166-1
-    alpha-2 code. Whether the region may be profiled is the region table's decision, not this one's."""
+    """The region as it travels: an officially assigned ISO 3166-1 alpha-2 code in upper case (``UK`` is
+    mapped to ``GB``, see :data:`REGION_ALIASES`), or ``ValueError``.
+
+    Anything else (``EU``, ``EL``, ``XX``, ``QQ``...) is refused, so a region the region table cannot
+    place is never profiled. Whether an assigned region may be profiled is the region table's decision.
+    """
     canonical = region.strip().upper() if isinstance(region, str) else ""
-    if not REGION_PATTERN.fullmatch(canonical):
-        raise ValueError(f"region {region!r} must be an ISO 3166-1 alpha-2 code such as 'US'")
+    canonical = REGION_ALIASES.get(canonical, canonical)
+    if not REGION_PATTERN.fullmatch(canonical) or canonical not in assigned_regions():
+        raise ValueError(
+            f"region {region!r} must be an officially assigned ISO 3166-1 alpha-2 code such as 'US' or "
+            "'GB' ('UK' is taken as 'GB'; EU, EL and user-assigned codes such as XX are refused)"
+        )
     return canonical
 
 

@@ -15,7 +15,13 @@ import grpc
 import pytest
 from edge_testkit import CATS, DOGS, MOVIES, MUSIC, PROFILE, TODAY, AggregatorThread, free_port
 
-from sotto.edge.client import CHANNEL_OPTIONS, KEEPALIVE_TIME_MS, DeliveryClient
+from sotto.edge.client import (
+    CHANNEL_OPTIONS,
+    KEEPALIVE_TIME_MS,
+    DeletionStatus,
+    DeliveryClient,
+    deletion_state,
+)
 from sotto.edge.outbox import Outbox, OutboxLimits
 from sotto.edge.privacy import Interest
 from sotto.server import ServerConfig
@@ -125,9 +131,10 @@ def test_deletion_clears_outbox_and_ledger_and_is_delivered_after_a_restart(
         assert server.profile().batches == 1
     # The aggregator is down when the wearer asks for deletion: erased locally now, delivered later.
     client.add([Interest(DOGS, 2, DAY)])
-    with pytest.raises(grpc.RpcError):
-        client.delete_profile()
+    assert client.delete_profile() is DeletionStatus.PENDING
     assert client.outbox.ledger() == [] and client.pending_batches == 0
+    state = deletion_state(client.outbox)
+    assert state is not None and state.status is DeletionStatus.PENDING and state.last_code == "UNAVAILABLE"
     assert client.add([Interest(CATS, 1, DAY)]) == 0  # nothing new for a profile being deleted
     client.close()
     with AggregatorThread(db, server_config, port=port) as server:
@@ -139,6 +146,8 @@ def test_deletion_clears_outbox_and_ledger_and_is_delivered_after_a_restart(
                 deadline -= 1
                 assert deadline, "the deletion was never delivered"
             assert rebooted.deletion_pending is False
+            settled = deletion_state(rebooted.outbox)
+            assert settled is not None and settled.status is DeletionStatus.ERASED
             with pytest.raises(grpc.RpcError) as info:
                 server.profile()
             assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]

@@ -39,9 +39,14 @@ def _device(models: EdgeModels, outbox: Path | None, **kwargs: object) -> Device
     [
         ("short", "US", "profile id 'short' must be 8 to 64 characters"),
         ("profile with spaces", "US", "must be 8 to 64 characters"),
-        (PROFILE, "U1", "region 'U1' must be an ISO 3166-1 alpha-2 code"),
-        (PROFILE, "USA", "region 'USA' must be an ISO 3166-1 alpha-2 code"),
-        (PROFILE, "", "region '' must be an ISO 3166-1 alpha-2 code"),
+        (PROFILE, "U1", "region 'U1' must be an officially assigned ISO 3166-1 alpha-2 code"),
+        (PROFILE, "USA", "region 'USA' must be an officially assigned ISO 3166-1 alpha-2 code"),
+        (PROFILE, "", "region '' must be an officially assigned ISO 3166-1 alpha-2 code"),
+        # Shaped like a code but not one the region table could place: refused, never profiled.
+        (PROFILE, "EU", "region 'EU' must be an officially assigned"),
+        (PROFILE, "EL", "region 'EL' must be an officially assigned"),
+        (PROFILE, "XX", "region 'XX' must be an officially assigned"),
+        (PROFILE, "QQ", "region 'QQ' must be an officially assigned"),
     ],
 )
 def test_a_bad_profile_id_or_region_is_refused_before_anything_is_written(
@@ -177,3 +182,15 @@ def test_a_batch_refused_as_unauthenticated_is_logged_loudly(
         assert d.outbox.stats().get("batches_set_aside") == 1
     assert "refused a batch" in caplog.text and "UNAUTHENTICATED" in caplog.text
     assert "token missing or revoked" in caplog.text
+
+
+def test_uk_is_taken_as_gb_and_blocked_like_it(edge_models: EdgeModels) -> None:
+    # The usual name of the United Kingdom is not its ISO code; it maps to GB, which the table blocks.
+    device = Device(PROFILE, "uk", outbox=None, target="127.0.0.1:1", token="t", models=edge_models)
+    try:
+        assert device.region == "GB"
+        result = device.hear_text("where can i buy trail running shoes")
+        assert result.dropped is not None and result.dropped.reason == "region"
+        assert device.outbox.stats().queued_signals == 0
+    finally:
+        device.close()

@@ -68,10 +68,11 @@ def test_batches_declare_the_epsilon_their_signals_were_noised_with(tmp_path: Pa
     assert [s.category_id for s in messages[1].signals] == [i.category_id for i in noised]
 
 
-def test_file_is_wal_with_full_sync_and_versioned_schema(tmp_path: Path) -> None:
+def test_file_has_a_rollback_journal_with_full_sync_and_versioned_schema(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
-        assert box._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        # Not WAL: a committed signal lives only in the database file, never only in a side file.
+        assert box._conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert box._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -161,7 +161,15 @@ def test_skipped_categories_do_not_count_against_max_signals(policy: Policy) -> 
 
 
 def test_drop_reasons_are_the_documented_set() -> None:
-    assert set(DROP_REASONS) == {"sensitive", "region", "opt_out", "minor", "no_speech", "no_interest"}
+    assert set(DROP_REASONS) == {
+        "sensitive",
+        "region",
+        "opt_out",
+        "minor",
+        "no_speech",
+        "no_interest",
+        "too_long",
+    }
 
 
 # --- quantization and days ------------------------------------------------------------------------

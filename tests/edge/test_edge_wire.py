@@ -20,7 +20,7 @@ from edge_testkit import PROFILE, TODAY, load_allowlist
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from sotto.edge.client import DeliveryClient
+from sotto.edge.client import DeletionStatus, DeliveryClient
 from sotto.edge.ldp import LdpOptions, LocalPrivacy
 from sotto.edge.pipeline import EdgeModels, Pipeline
 from sotto.policy import Policy
@@ -134,7 +134,7 @@ def recorded(edge_models: EdgeModels, tmp_path: Path) -> Iterator[list[Message]]
             assert client.flush()
             stub = signals_pb2_grpc.SignalAggregatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
             stub.GetProfile(signals_pb2.GetProfileRequest(profile_id=PROFILE, top_k=5), timeout=5)
-            assert client.delete_profile()
+            assert client.delete_profile() is DeletionStatus.ERASED
         finally:
             client.close()
         yield recorder.requests

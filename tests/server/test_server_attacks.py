@@ -23,7 +23,6 @@ from aggregator_testkit import (
     bearer,
     issue_device_token,
     make_batch,
-    read_line,
     signal,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +33,7 @@ from sotto.server import open_store
 from sotto.server.config import utc_today
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
+from tools.harness import read_line
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,7 @@ from aggregator_testkit import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sotto.edge.client import DeliveryClient, TlsOptions
+from sotto.edge.client import DeletionStatus, DeliveryClient, TlsOptions
 from sotto.edge.privacy import Interest
 from sotto.server import ServerConfig, ServerTls, create_server, open_store
 from sotto.server.config import is_loopback
@@ -316,7 +316,7 @@ def test_device_client_sends_its_token_over_tls_and_deletes_its_profile(
                 assert await asyncio.to_thread(client.flush) is True
                 assert client.stats.batches_sent == 2
                 client.add([Interest(MUSIC, 1, TODAY_DAY)])  # queued, never sent: the wearer deletes first
-                assert await asyncio.to_thread(client.delete_profile) is True
+                assert await asyncio.to_thread(client.delete_profile) is DeletionStatus.ERASED
                 assert client.pending_batches == 0
             finally:
                 client.close()
