@@ -4,6 +4,7 @@
     sotto-edge analyze --text-file queries.txt --region US
     sotto-edge analyze --audio clip.wav --audio other.flac
     sotto-edge ledger [--json] [--clear]     # what this device has sent (never a transcript)
+    sotto-edge ledger --html page.html       # the wearer's page: what left, what never left and why
 
 Each query prints one JSON object on stdout (the stable contract):
 {"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
@@ -30,6 +31,7 @@ from sotto.edge.classifier import BACKENDS
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
 from sotto.edge.outbox import Outbox, OutboxError
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.transparency import write_page
 from sotto.policy import Policy, PolicyError, models_dir
 
 
@@ -115,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ledger.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     ledger.add_argument("--clear", action="store_true", help="erase the ledger (the wearer's choice)")
+    ledger.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the wearer's page (one self-contained HTML file) to FILE",
+    )
     ledger.add_argument("--models", default=None, help="models folder, for category names")
     return parser
 
@@ -125,6 +134,8 @@ DEFAULT_OUTBOX = Path.home() / ".local" / "share" / "sotto" / "outbox.db"
 
 def _ledger(args: argparse.Namespace) -> int:
     """`sotto-edge ledger`: the transparency ledger as a table or JSON, or clear it."""
+    if args.html is not None:
+        return _ledger_html(args)
     if not args.outbox.exists():  # nothing was ever sent; do not create a file just to say so
         entries = []
     else:
@@ -185,6 +196,23 @@ def _ledger(args: argparse.Namespace) -> int:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=True)]
     for line in (header, *table):
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _ledger_html(args: argparse.Namespace) -> int:
+    """`sotto-edge ledger --html FILE`: the wearer's page."""
+    if args.clear or args.json:
+        print("sotto-edge: error: --html cannot be combined with --json or --clear", file=sys.stderr)
+        return 2
+    try:
+        taxonomy = Policy.load(models_dir(args.models)).taxonomy
+        # A device that never sent anything has no file: show an empty page without creating one.
+        with Outbox(args.outbox if args.outbox.exists() else None) as box:
+            written = write_page(box, taxonomy, args.html)
+    except (OutboxError, PolicyError, OSError, ValueError) as exc:
+        print(f"sotto-edge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
     return 0
 
 
