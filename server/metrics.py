@@ -10,7 +10,7 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 #: The store operations whose failures are counted (``sotto_store_errors_total{operation=...}``).
 STORE_OPERATIONS = (
@@ -60,6 +60,13 @@ class Metrics:
             "sotto_purged_rows",
             "Rows removed by the retention purge, by kind (entries, profiles, batches)",
             ["kind"],
+            registry=self.registry,
+        )
+        # A timestamp rather than a counter of runs, so that an alert can say "no purge for N hours"
+        # whether the purge loop died, hangs on the store or was never started.
+        self.last_purge = Gauge(
+            "sotto_purge_last_success_timestamp_seconds",
+            "Unix time of the last retention purge that completed (0: none yet in this process)",
             registry=self.registry,
         )
         self.audiences = Counter(
