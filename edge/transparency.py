@@ -62,7 +62,8 @@ p { margin: .4rem 0; }
 table { width: 100%; border-collapse: collapse; font-size: .92rem; background: #fff; }
 th, td { text-align: left; padding: .35rem .4rem; border-bottom: 1px solid #ebebe6; vertical-align: top; }
 th { font-weight: 600; background: #efefea; }
-td.d, td.noised, td.asheard { white-space: nowrap; }
+h3 { font-size: .98rem; margin: 1rem 0 .3rem; }
+th.n { text-align: right; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .tier { color: #6b6b64; font-size: .82rem; }
 .noised { color: #8a4b00; } .asheard { color: #1d5e2a; }
@@ -101,7 +102,7 @@ def _how_sent(entry: LedgerEntry) -> tuple[str, str]:
     if entry.epsilon is None:
         return "", "not recorded"
     if entry.epsilon > 0:
-        return "noised", f"noised, ε = {entry.epsilon:g}"
+        return "noised", f"noised, ε\u00a0=\u00a0{entry.epsilon:g}"  # kept on one line
     return "asheard", "as heard"
 
 
@@ -110,32 +111,37 @@ def _day(entry: LedgerEntry) -> str:
     return f"{entry.date.day} {entry.date:%b %Y}"
 
 
-def _sent_rows(entries: list[LedgerEntry], taxonomy: Taxonomy) -> str:
+def _sent_tables(entries: list[LedgerEntry], taxonomy: Taxonomy) -> str:
+    """One small table per day, newest first: category, signals, how they were sent (phone-width)."""
     groups: Counter[tuple[int, str, float | None]] = Counter(
         (e.day, e.category_id, e.epsilon) for e in entries
     )
     weights: dict[tuple[int, str, float | None], float] = {}
+    samples: dict[tuple[int, str, float | None], LedgerEntry] = {}
     for e in entries:
         key = (e.day, e.category_id, e.epsilon)
         weights[key] = max(weights.get(key, 0.0), e.weight)
-    rows = []
-    for key in sorted(groups, key=lambda k: (-k[0], k[1], k[2] or 0.0)):
-        day, category_id, _ = key
-        sample = next(e for e in entries if (e.day, e.category_id, e.epsilon) == key)
-        css, how = _how_sent(sample)
-        category = taxonomy[category_id] if category_id in taxonomy else None  # noqa: SIM401 (no .get)
-        name = category.name if category is not None else f"unknown category {category_id}"
-        tier = (
-            f'<div class="tier">{_e(category.tier1)} · IAB {_e(category_id)}</div>'
-            if category is not None
-            else ""
+        samples.setdefault(key, e)
+    out = []
+    for day in sorted({k[0] for k in groups}, reverse=True):
+        keys = sorted((k for k in groups if k[0] == day), key=lambda k: (k[1], k[2] or 0.0))
+        rows = []
+        for key in keys:
+            sample = samples[key]
+            css, how = _how_sent(sample)
+            category_id = key[1]
+            category = taxonomy[category_id] if category_id in taxonomy else None  # noqa: SIM401 (no .get)
+            name = category.name if category is not None else f"unknown category {category_id}"
+            where = f"{category.tier1} · IAB {category_id} · " if category is not None else ""
+            rows.append(
+                f'<tr><td>{_e(name)}<div class="tier">{_e(where)}weight {weights[key]:.2f}</div></td>'
+                f'<td class="n">{groups[key]}</td><td class="{css}">{_e(how)}</td></tr>'
+            )
+        out.append(
+            f"<h3>{_e(_day(samples[keys[0]]))}</h3><table><thead><tr><th>Category</th>"
+            '<th class="n">Signals</th><th>Sent</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
         )
-        rows.append(
-            f'<tr><td class="d">{_e(_day(sample))}</td><td>{_e(name)}{tier}</td>'
-            f'<td class="n">{groups[key]}</td><td class="n">{weights[key]:.2f}</td>'
-            f'<td class="{css}">{_e(how)}</td></tr>'
-        )
-    return "\n".join(rows)
+    return "\n".join(out)
 
 
 def render_page(
@@ -210,10 +216,7 @@ def _sent_section(entries: list[LedgerEntry], taxonomy: Taxonomy) -> str:
             "on purpose: nobody, not even the service, can tell which ones are real. A smaller ε means "
             "more noise and more privacy.</p>"
         )
-    table = (
-        "<table><thead><tr><th>Day</th><th>Category</th><th>Signals</th><th>Weight</th>"
-        "<th>Sent</th></tr></thead><tbody>\n" + _sent_rows(entries, taxonomy) + "\n</tbody></table>"
-    )
+    table = _sent_tables(entries, taxonomy)
     return (
         head + f"<p>{len(entries)} signals, newest day first. The weight (0 to 1) says how strong the "
         "interest seemed; only four levels exist.</p>" + note + table + "</section>"

@@ -65,6 +65,7 @@ def test_a_device_page_shows_what_left_what_never_left_and_the_controls(
             assert device.hear_text(NO_INTEREST).dropped.reason == "no_interest"  # type: ignore[union-attr]
             assert device.flush()
             sent = device.ledger()
+            counters = device.outbox.stats().counters
             page = device.write_transparency_page(tmp_path / "page.html")
         finally:
             device.close()
@@ -72,10 +73,12 @@ def test_a_device_page_shows_what_left_what_never_left_and_the_controls(
     assert len(sent) == 1 and sent[0].epsilon == 2.0 and sent[0].noised
     source = page.read_text(encoding="utf-8")
     assert "chemotherapy" not in source and "paris" not in source  # counts only, never words
+    assert counters["utterances_dropped_sensitive"] == 1 and not [c for c in counters if "health" in c]
+    assert b"chemotherapy" not in outbox.read_bytes()
     dom = _rendered(page)
     text = dom.visible_text
     name = policy.taxonomy[sent[0].category_id].name
-    assert f"{sent[0].date.day} {sent[0].date:%b %Y} {name}" in text
+    assert f"{sent[0].date.day} {sent[0].date:%b %Y} Category Signals Sent {name}" in text
     assert "noised, ε = 2" in text and "1 of these 1 signals were noised (ε = 2)" in text
     assert "Interest signals: on" in text and "Deletion requested" not in text
     assert "Your glasses heard 4 requests; 2 of them produced an interest signal" in text
