@@ -19,6 +19,8 @@ CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    # Containers often give /dev/shm only 64 MiB, where Chromium's renderer crashes; use /tmp instead.
+    "--disable-dev-shm-usage",
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
