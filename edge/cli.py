@@ -4,6 +4,7 @@
     sotto-edge analyze --text-file queries.txt --region US
     sotto-edge analyze --audio clip.wav --audio other.flac
     sotto-edge ledger [--json] [--clear]     # what this device has sent (never a transcript)
+    sotto-edge ledger --html page.html       # the wearer's page: what left, what never left and why
 
 Each query prints one JSON object on stdout (the stable contract):
 {"input", "transcript", "signals": [{"id", "name", "tier1", "weight"}],
@@ -35,6 +36,7 @@ from sotto.edge.client import DeletionStatus, deletion_state
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
 from sotto.edge.outbox import STATE_LOST_KEY, Outbox, OutboxError
 from sotto.edge.pipeline import MAX_UTTERANCE_S, Analysis, EdgeConfig, EdgeModels, Pipeline, too_long
+from sotto.edge.transparency import write_page
 from sotto.policy import Policy, PolicyError, models_dir
 
 #: Where the device keeps its outbox unless told otherwise.
@@ -123,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ledger.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     ledger.add_argument("--clear", action="store_true", help="erase the ledger (the wearer's choice)")
+    ledger.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the wearer's page (one self-contained HTML file) to FILE",
+    )
     ledger.add_argument("--models", default=None, help="models folder, for category names")
     return parser
 
@@ -134,6 +143,8 @@ def _ledger(args: argparse.Namespace) -> int:
     be read is an error that names it. Only ``--clear`` writes, and only to an outbox that reads cleanly.
     """
     notes: list[str] = []
+    if args.html is not None:
+        return _ledger_html(args)
     if not args.outbox.exists():  # nothing was ever sent; do not create a file just to say so
         entries = []
     else:
@@ -217,6 +228,23 @@ def _ledger_notes(box: Outbox) -> list[str]:
             "minor until the wearer chooses again; a deletion requested before then must be asked again"
         )
     return notes
+
+
+def _ledger_html(args: argparse.Namespace) -> int:
+    """`sotto-edge ledger --html FILE`: the wearer's page."""
+    if args.clear or args.json:
+        print("sotto-edge: error: --html cannot be combined with --json or --clear", file=sys.stderr)
+        return 2
+    try:
+        taxonomy = Policy.load(models_dir(args.models)).taxonomy
+        # A device that never sent anything has no file: show an empty page without creating one.
+        with Outbox(args.outbox if args.outbox.exists() else None) as box:
+            written = write_page(box, taxonomy, args.html)
+    except (OutboxError, PolicyError, OSError, ValueError) as exc:
+        print(f"sotto-edge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
 
 
 def _queries(args: argparse.Namespace) -> list[tuple[str, str | Path]]:

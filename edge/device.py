@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -29,12 +30,13 @@ from sotto.edge.client import DeletionState, DeletionStatus, DeliveryClient, Tls
 from sotto.edge.ldp import LdpOptions, LocalPrivacy
 from sotto.edge.outbox import LedgerEntry, Outbox, OutboxLimits
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.transparency import MINOR_STATE_KEY, write_page
 from sotto.wire import canonical_region, check_profile_id
 
 log = logging.getLogger(__name__)
 
 #: State key of the minor mark in the outbox.
-_MINOR = "minor"
+_MINOR = MINOR_STATE_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,8 @@ class Device:
     def _keep(self, result: Analysis) -> Analysis:
         if result.outgoing:
             self.client.add(result.outgoing)
+        # What never left, counted for the wearer's page: the reason only, never the text or the class.
+        self.outbox.count_heard(None if result.dropped is None else result.dropped.reason, result.withheld)
         return result
 
     # --- the wearer's controls -----------------------------------------------------------------------
@@ -200,6 +204,11 @@ class Device:
     def ledger(self) -> list[LedgerEntry]:
         """Every signal the aggregator acknowledged, oldest first: what this device has sent."""
         return self.outbox.ledger()
+
+    def write_transparency_page(self, path: str | os.PathLike[str]) -> Path:
+        """Write the wearer's page (``sotto.edge.transparency``) to ``path``: what left, what never left and
+        why, the opt-out and a pending deletion, and how to use them. Returns the path written."""
+        return write_page(self.outbox, self.models.policy.taxonomy, path)
 
     def close(self) -> None:
         self.client.close()

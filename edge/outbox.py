@@ -44,6 +44,7 @@ moved, recovered or written, and a file that cannot be read raises :class:`Outbo
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -58,7 +59,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from sotto.edge.privacy import Interest
+from sotto.edge.privacy import DROP_REASONS, Interest
 from sotto.edge.signals import encode_batch
 from sotto.v1 import signals_pb2
 from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, day_number, epsilon_milli
@@ -66,7 +67,7 @@ from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, day_number, e
 log = logging.getLogger(__name__)
 
 #: Version of the tables below, kept in ``PRAGMA user_version``; a newer file is refused, not guessed at.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = (
     """CREATE TABLE signals (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -107,6 +108,12 @@ _SCHEMA = (
     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
+#: What takes a file of version N-1 to N. A new file gets ``_SCHEMA`` (version 1) and then every step.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # The epsilon each acknowledged signal was noised with, in thousandths (0: not noised), so the
+    # wearer can see which of them were randomized; NULL for entries recorded before it was kept.
+    2: ("ALTER TABLE ledger ADD COLUMN epsilon_milli INTEGER",),
+}
 _DAY = 86400.0
 #: What reading a damaged file may raise: SQLite's errors, and a UnicodeDecodeError when SQLite's own
 #: error message quotes damaged bytes.
@@ -170,6 +177,14 @@ class LedgerEntry:
     category_id: str
     weight_level: int
     day: int
+    #: The local-privacy epsilon the signal was noised with (0.0: sent as the filter decided it; None:
+    #: recorded before the outbox kept it).
+    epsilon: float | None = None
+
+    @property
+    def noised(self) -> bool | None:
+        """Whether randomized response chose this category (None: not known for this entry)."""
+        return None if self.epsilon is None else self.epsilon > 0
 
     @property
     def weight(self) -> float:
@@ -357,8 +372,13 @@ class Outbox:
         if version == SCHEMA_VERSION:
             return
         with self._tx() as conn:
-            for statement in _SCHEMA:
-                conn.execute(statement)
+            if version == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                version = 1
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _recover(self, problem: str) -> Recovery:
@@ -524,6 +544,19 @@ class Outbox:
         self._reclaim()
         return len(rows)
 
+    def count_heard(self, dropped: str | None, withheld: int = 0) -> None:
+        """Count one utterance the device heard, for the wearer's page: by the privacy filter's drop
+        reason (one of ``DROP_REASONS``; None when it yielded signals) and the signals the daily privacy
+        budget withheld. Only counts: never the sensitive class, the categories or any text."""
+        if dropped is not None and dropped not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {dropped!r}; expected one of {', '.join(DROP_REASONS)}")
+        if withheld < 0:
+            raise ValueError(f"withheld must be at least 0, got {withheld}")
+        with self._tx() as conn:
+            self._bump(conn, "utterances_heard", 1)
+            self._bump(conn, "utterances_kept" if dropped is None else f"utterances_dropped_{dropped}", 1)
+            self._bump(conn, "signals_withheld_budget", withheld)
+
     def seal(self, profile_id: str, batch_size: int, partial: bool = False) -> int:
         """Form batches from the oldest unsealed signals: every full batch, and with ``partial`` the rest.
 
@@ -620,10 +653,18 @@ class Outbox:
                 return False
             message = signals_pb2.SignalBatch.FromString(row[0])
             conn.executemany(
-                "INSERT OR IGNORE INTO ledger (batch_id, position, category_id, weight_level, day, sent_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO ledger (batch_id, position, category_id, weight_level, day, sent_at, "
+                "epsilon_milli) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (batch_id, i, s.category_id, s.weight_level, message.base_day - s.day_offset, now)
+                    (
+                        batch_id,
+                        i,
+                        s.category_id,
+                        s.weight_level,
+                        message.base_day - s.day_offset,
+                        now,
+                        message.ldp_epsilon_milli,
+                    )
                     for i, s in enumerate(message.signals)
                 ],
             )
@@ -771,9 +812,13 @@ class Outbox:
         """Every acknowledged signal still remembered, oldest first."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT sent_at, batch_id, category_id, weight_level, day FROM ledger ORDER BY seq"
+                "SELECT sent_at, batch_id, category_id, weight_level, day, epsilon_milli FROM ledger "
+                "ORDER BY seq"
             ).fetchall()
-        return [LedgerEntry(t, bytes(b), c, w, d) for t, b, c, w, d in rows]
+        return [
+            LedgerEntry(t, bytes(b), c, w, d, None if m is None else m / EPSILON_SCALE)
+            for t, b, c, w, d, m in rows
+        ]
 
     def stats(self) -> OutboxStats:
         with self._lock:
@@ -839,11 +884,24 @@ def _schema_problem(conn: sqlite3.Connection) -> str | None:
     """None when every table is defined exactly as this version creates it. integrity_check does not read
     the definitions: a damaged byte there would rename a column under every later query."""
     stored = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
-    for statement in _SCHEMA:
-        name = statement.split()[2]
-        if stored.get(name) != statement:
+    for name, definition in _table_definitions().items():
+        if stored.get(name) != definition:
             return f"table {name} is missing or its definition is damaged"
     return None
+
+
+@functools.cache
+def _table_definitions() -> dict[str, str]:
+    """Each table's definition as SQLite stores it in a file of ``SCHEMA_VERSION``: ``_SCHEMA`` and then
+    every migration, the one path every outbox takes (a migration such as ADD COLUMN rewrites the text)."""
+    with closing(sqlite3.connect(":memory:")) as conn:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        for step in range(2, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                conn.execute(statement)
+        rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {name: sql for name, sql in rows if not name.startswith("sqlite_")}
 
 
 @dataclass(slots=True)

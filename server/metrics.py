@@ -70,6 +70,15 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        # A timestamp rather than a counter of runs, so that an alert can say "no purge for N hours"
+        # whether the purge loop died, hangs on the store or was never started.
+        self.last_purge = Gauge(
+            "sotto_purge_last_success_timestamp_seconds",
+            "Unix time of the last retention purge that completed (0: none yet in this process)",
+            registry=self.registry,
+            # Under `serve --workers N` only worker 0 purges: the latest purge of any worker, one series.
+            multiprocess_mode="max",
+        )
         self.audiences = Counter(
             "sotto_audience_queries",
             "AudienceSize answers, by result (answered, too_small)",

@@ -274,6 +274,7 @@ async def purge_expired(store: Store, config: ServerConfig, metrics: Metrics) ->
     result = await store.purge(config.retention_cutoff())
     for kind in ("entries", "profiles", "batches"):
         metrics.purged.labels(kind).inc(getattr(result, kind))
+    metrics.last_purge.set_to_current_time()
     log.info("event=purge entries=%d profiles=%d batches=%d", result.entries, result.profiles, result.batches)
     return result
 

@@ -13,6 +13,12 @@ command -v espeak-ng >/dev/null 2>&1 || need_os+=(espeak-ng)
 if [[ ",$EXTRAS," == *",postgres,"* ]] && ! command -v pg_ctlcluster >/dev/null 2>&1; then
   need_os+=(postgresql)
 fi
+# The dev extra is for the test suite: it opens the pages Sotto writes in headless Chromium and checks the
+# operator's Prometheus rules with promtool; both must be there (the tests fail, never skip, without them).
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+  command -v chromium >/dev/null 2>&1 || need_os+=(chromium)
+  command -v promtool >/dev/null 2>&1 || need_os+=(prometheus)
+fi
 if [ ${#need_os[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing OS packages: ${need_os[*]}"

@@ -12,7 +12,8 @@ Each virtual device has a profile id, a region and a list of voice queries (audi
 spoken with espeak-ng when it is installed, or analysed as text with --text). Every utterance goes
 through speech gate, ASR, classifier and privacy filter; surviving signals go through local differential
 privacy when --ldp-epsilon is set (daily budget, then randomized response), and are batched and sent with
-the device's client. The run ends with a summary (also as JSON with --report).
+the device's client. The run ends with a summary (also as JSON with --report, and as an HTML page with a
+plot of the latency per stage and the signals by outcome beside it: out.json gives out.html).
 
 With --outbox-dir each device keeps its outbox in a SQLite file there (as the glasses do), so it survives
 the emulator: --offline-for SECONDS keeps the devices off the network that long while they go on
@@ -92,6 +93,8 @@ class DeviceReport:
     withheld: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    #: Milliseconds per pipeline stage (vad, asr, classify, filter), one value per utterance.
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
     analyses: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -183,6 +186,8 @@ def run_device(
             progress.update(1)
             continue
         report.latencies_ms.append((time.perf_counter() - started) * 1000)
+        for stage, ms in result.timings_ms.items():
+            report.stage_ms.setdefault(stage, []).append(ms)
         report.utterances += 1
         report.signals += len(result.signals)
         report.withheld += result.withheld
@@ -284,6 +289,7 @@ def summarize(
         "pipeline_ms_p95": percentile(latencies, 0.95),
         "ingest_ms_p50": percentile(ingest, 0.5),
         "ingest_ms_p99": percentile(ingest, 0.99),
+        "stages_ms": _stages(reports),
         "wall_s": round(wall_s, 2),
         "profiles": [
             {
@@ -297,6 +303,23 @@ def summarize(
         ],
         "analyses": {r.profile_id: r.analyses for r in reports},
     }
+
+
+def _stages(reports: list[DeviceReport]) -> dict[str, dict[str, float | None]]:
+    """p50 and p95 of each pipeline stage over every utterance."""
+    values: dict[str, list[float]] = {}
+    for r in reports:
+        for stage, ms in r.stage_ms.items():
+            values.setdefault(stage, []).extend(ms)
+    return {k: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95)} for k, v in values.items()}
+
+
+def write_report(summary: dict[str, Any], path: Path) -> None:
+    """The summary as JSON at ``path`` and as an HTML page with a plot beside it (``.html``)."""
+    from tools.report_html import write_report_html
+
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_report_html(summary, path.with_suffix(".html"))
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -383,7 +406,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"with --ldp-epsilon: signals per device per day (default: {DEFAULT_DAILY_BUDGET})",
     )
     p.add_argument("--models", default=None, help="models folder (default: the shipped models/)")
-    p.add_argument("--report", type=Path, default=None, help="write the summary as JSON to this file")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="write the summary as JSON to this file, and as HTML with a plot beside it (.html)",
+    )
     p.add_argument(
         "--token-file",
         type=Path,
@@ -487,7 +515,7 @@ def supervise(argv: list[str], args: argparse.Namespace) -> int:
         if args.report is not None and args.report.exists():
             summary = json.loads(args.report.read_text(encoding="utf-8"))
             summary["kills"] = kills
-            args.report.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            write_report(summary, args.report)
         print(f"emulate_device: {kills} device processes killed with SIGKILL along the way", file=sys.stderr)
         return code
 
@@ -612,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         channel.close()
     print_summary(summary)
     if args.report is not None:
-        args.report.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_report(summary, args.report)
     ok = summary["batches_pending"] == 0 and not summary["batches_rejected"]
     if not ok:
         print("emulate_device: some batches were not delivered (see the summary)", file=sys.stderr)

@@ -156,8 +156,10 @@ def test_retention_forgets_what_was_not_reinforced(config: ServerConfig, clock: 
             assert audience.too_small
             # ... and out of the database at the next purge: rows and batch ids alike.
             assert row_counts(db_url) == {"batches": 3, "profiles": 2, "scores": 3, "credentials": 0}
+            assert metrics.registry.get_sample_value("sotto_purge_last_success_timestamp_seconds") == 0
             result = await purge_expired(r.store, config, metrics)
             assert (result.entries, result.profiles, result.batches) == (2, 1, 2)
+            assert metrics.registry.get_sample_value("sotto_purge_last_success_timestamp_seconds") > 0
             assert cells_mentioning(db_url, OTHER) == []
             assert row_counts(db_url) == {"batches": 1, "profiles": 1, "scores": 1, "credentials": 0}
             assert metrics.registry.get_sample_value("sotto_purged_rows_total", {"kind": "entries"}) == 2
