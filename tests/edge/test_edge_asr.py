@@ -15,6 +15,7 @@ from sotto.edge.asr import (
     ModelError,
     Transcriber,
     bundled_model_dir,
+    repeats_itself,
     resolve_model,
 )
 from sotto.edge.audio import load_audio
@@ -87,3 +88,68 @@ def test_invalid_compute_type_lists_the_choices() -> None:
         Transcriber(AsrOptions(compute_type="float16"))
     for choice in COMPUTE_TYPES:
         assert choice in str(info.value)
+
+
+LAMP_WAV = JFK_WAV.parents[1] / "asr_rhasspy_commands" / "turn_on_the_living_room_lamp.wav"
+
+
+def test_fitted_window_is_the_speech_plus_margin_with_a_floor(transcriber: Transcriber) -> None:
+    assert transcriber.options.window == "fit"
+    assert transcriber.window_frames(3 * 16_000) == 1000  # the 10 s floor
+    assert transcriber.window_frames(int(12.34 * 16_000)) == 1400  # 12.34 s + 1 s, whole seconds
+    assert transcriber.window_frames(29 * 16_000) is None  # as long as Whisper's own window
+
+
+def test_fitted_window_gives_the_full_window_transcript(transcriber: Transcriber) -> None:
+    audio = load_audio(LAMP_WAV)
+    before = transcriber.fallbacks
+    fitted = transcriber.transcribe(audio)
+    assert transcriber.fallbacks == before  # accepted without a second pass
+    assert (
+        words(fitted.text)
+        == words(transcriber._transcribe_full(audio).text)
+        == "turn on the living room lamp"
+    )
+
+
+def test_a_window_too_short_loops_and_falls_back_to_the_full_window(transcriber: Transcriber) -> None:
+    # 4 s for a 3 s command: Whisper repeats the command ("Turn on the living room lamp Turn on the ...").
+    audio = load_audio(LAMP_WAV)
+    assert transcriber._transcribe_window(audio, 400) is None
+    short = Transcriber(AsrOptions(min_window_s=0.5, window_margin_s=0.5))
+    assert short.window_frames(len(audio.samples)) == 400
+    assert words(short.transcribe(audio).text) == "turn on the living room lamp"
+    assert short.fallbacks == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "loops"),
+    [
+        ("Turn on the living room lamp Turn on the living room lamp Turn on the", True),
+        ("go forward 10 meters. Go forward 10 meters.", True),
+        ("3 3 3", True),
+        (
+            "And so my fellow Americans ask not what your country can do for you "
+            "ask what you can do for your country.",
+            False,
+        ),
+        ("no no", False),
+        ("play it again", False),
+    ],
+)
+def test_repetition_guard(text: str, loops: bool) -> None:
+    assert repeats_itself(text) is loops
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        AsrOptions(window="half"),
+        AsrOptions(min_window_s=0),
+        AsrOptions(min_window_s=31),
+        AsrOptions(window_margin_s=-1),
+    ],
+)
+def test_invalid_window_settings_are_refused(options: AsrOptions) -> None:
+    with pytest.raises(ValueError, match="window"):
+        Transcriber(options)
