@@ -25,11 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sotto.edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
-from sotto.edge.audio import AudioError, pcm16_to_audio
+from sotto.edge.audio import AudioError
 from sotto.edge.classifier import BACKENDS
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
 from sotto.edge.outbox import Outbox, OutboxError
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.stream import analyze_pcm
 from sotto.policy import Policy, PolicyError, models_dir
 
 
@@ -215,7 +216,8 @@ def _analyze(pipeline: Pipeline, items: list[tuple[str, str | Path]]) -> Iterato
             elif kind == "audio":
                 yield pipeline.analyze_file(item)
             else:
-                yield pipeline.analyze_audio(pcm16_to_audio(Path(item).read_bytes()), label=str(item))
+                # The device's own path: frames through the speech gate, one answer per utterance.
+                yield from analyze_pcm(pipeline, Path(item).read_bytes(), label=str(item))
         except AudioError as exc:
             yield str(exc)
 
