@@ -7,6 +7,7 @@ Nothing is ever downloaded on the device.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -256,6 +257,28 @@ def repeats_itself(text: str) -> bool:
     return False
 
 
+#: glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_LARGE_BUFFER = 1 << 20
+
+
+def return_large_buffers_to_the_system() -> bool:
+    """Make glibc serve every allocation of 1 MB or more with its own mapping, returned when freed.
+
+    Whisper's encoder and decoder allocate buffers of several MB per utterance, sized by the window. By
+    default glibc raises its mmap threshold after the first such buffer is freed, so later ones come
+    from the heap and stay resident (about 40 MB after a few long utterances). A fixed threshold keeps
+    the process at what it needs for the current utterance. Returns False where the C library is not
+    glibc (nothing is changed there).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGE_BUFFER)) and bool(mallopt(_M_TRIM_THRESHOLD, _LARGE_BUFFER))
+
+
 class Transcriber:
     """Speech to text with faster-whisper's CTranslate2 Whisper model.
 
@@ -278,6 +301,7 @@ class Transcriber:
         from faster_whisper import WhisperModel
 
         path = self._model_path()
+        return_large_buffers_to_the_system()
         # local_files_only keeps huggingface_hub from ever reaching the network.
         self._model = WhisperModel(
             os.fspath(path),

@@ -18,6 +18,7 @@ from sotto.edge.asr import (
     bundled_model_dir,
     repeats_itself,
     resolve_model,
+    return_large_buffers_to_the_system,
     sha256_file,
 )
 from sotto.edge.audio import load_audio
@@ -187,3 +188,11 @@ def test_empty_cache_dir_loads_the_packaged_file(tmp_path: Path, monkeypatch: py
     plain = Transcriber(AsrOptions(cache_dir=""))
     assert not (tmp_path / "unused").exists()
     assert words(plain.transcribe(load_audio(LAMP_WAV)).text) == "turn on the living room lamp"
+
+
+def test_large_buffers_go_back_to_the_system_on_glibc() -> None:
+    import platform
+
+    # CI and the devices run glibc Linux; elsewhere the call changes nothing and says so.
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert return_large_buffers_to_the_system() is expected
