@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sotto.edge.asr import AsrOptions, Transcriber
+from sotto.edge.asr import WINDOWS, AsrOptions, Transcriber
 from sotto.edge.audio import SAMPLE_RATE, Audio, load_audio
 from sotto.edge.classifier import normalize_text
 from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
@@ -98,9 +98,43 @@ def spoken_queries(count: int, folder: Path, seed: int = 14) -> list[Spoken]:
     return out
 
 
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+)
+_ONES += "seventeen eighteen nineteen"
+_UNITS = _ONES.split()
+_TENS = ["-", "-", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def spell_number(token: str) -> str:
+    """A whole number below 1,000 in words ("8" -> "eight", "150" -> "one hundred fifty"); else as it is."""
+    if not token.isdigit() or len(token) > 3 or (len(token) > 1 and token[0] == "0"):
+        return token
+    n = int(token)
+    words = []
+    if n >= 100:
+        words += [_UNITS[n // 100], "hundred"]
+        n %= 100
+        if n == 0:
+            return " ".join(words)
+    if n < 20:
+        words.append(_UNITS[n])
+    else:
+        words.append(_TENS[n // 10])
+        if n % 10:
+            words.append(_UNITS[n % 10])
+    return " ".join(words)
+
+
+def scoring_words(text: str) -> list[str]:
+    """The words WER compares: the classifier's normalised text with numerals spelled out, so that "8 of
+    spades" and "eight of spades" (both right; Whisper writes either) count the same."""
+    return " ".join(spell_number(t) for t in normalize_text(text).split()).split()
+
+
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(word edit distance, reference words) on the classifier's normalised text."""
-    ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
+    """(word edit distance, reference words) on :func:`scoring_words`."""
+    ref, hyp = scoring_words(reference), scoring_words(hypothesis)
     row = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, row[0] = row[0], i
@@ -143,9 +177,6 @@ def transcribe_both(
                 "reference": u.reference,
                 "bare": bare_text,
                 "pipeline": pipe_text,
-                "bare_errors": word_errors(u.reference, bare_text)[0],
-                "pipeline_errors": word_errors(u.reference, pipe_text)[0],
-                "words": word_errors(u.reference, "")[1],
             }
         )
     return rows
@@ -164,7 +195,23 @@ def compare(
         row["bare_decision"] = decision(pipeline, row["bare"])
         row["pipeline_decision"] = decision(pipeline, row["pipeline"])
         row["reference_decision"] = decision(pipeline, row["reference"])
-    changed = sum(r["bare_decision"] != r["pipeline_decision"] for r in query_rows)
+    transcriber = models.transcriber
+    document: dict[str, Any] = {
+        "asr": {"window": asr.window, "min_window_s": asr.min_window_s, "margin_s": asr.window_margin_s},
+        "threads": asr.cpu_threads,
+        "fallbacks": transcriber.fallbacks,
+        "clip_rows": clip_rows,
+        "query_rows": query_rows,
+    }
+    return summarise(document)
+
+
+def summarise(document: dict[str, Any]) -> dict[str, Any]:
+    """Add the summaries and the verdict to a document's rows (also re-scores a stored document)."""
+    clip_rows, query_rows = document["clip_rows"], document["query_rows"]
+    for row in clip_rows + query_rows:
+        row["bare_errors"], row["words"] = word_errors(row["reference"], row["bare"])
+        row["pipeline_errors"] = word_errors(row["reference"], row["pipeline"])[0]
 
     def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         bare_wer = corpus_wer([(r["reference"], r["bare"]) for r in rows])
@@ -176,29 +223,28 @@ def compare(
             "pipeline_wer": pipe_wer,
             "delta_points": (pipe_wer - bare_wer) * 100,
             "same_transcript": sum(normalize_text(r["bare"]) == normalize_text(r["pipeline"]) for r in rows),
+            "pipeline_empty": sum(not r["pipeline"].strip() for r in rows),
         }
 
     clip_summary, query_summary = summary(clip_rows), summary(query_rows)
+    changed = sum(r["bare_decision"] != r["pipeline_decision"] for r in query_rows)
     query_summary["changed_decisions"] = changed
     query_summary["changed_share"] = changed / len(query_rows) if query_rows else 0.0
     query_summary["reference_agreement"] = {
         who: sum(r[f"{who}_decision"] == r["reference_decision"] for r in query_rows)
         for who in ("bare", "pipeline")
     }
-    transcriber = models.transcriber
-    return {
-        "asr": {"window": asr.window, "min_window_s": asr.min_window_s, "margin_s": asr.window_margin_s},
-        "threads": asr.cpu_threads,
-        "clips": clip_summary,
-        "queries": query_summary,
-        "fallbacks": transcriber.fallbacks,
-        "passes": {
-            "clip_wer": clip_summary["delta_points"] <= MAX_WER_DELTA_POINTS,
-            "decisions": query_summary["changed_share"] <= MAX_CHANGED_DECISIONS,
-        },
-        "clip_rows": clip_rows,
-        "query_rows": query_rows,
+    folders: dict[str, list[dict[str, Any]]] = {}
+    for row in clip_rows:
+        folders.setdefault(row["label"].split("/")[0], []).append(row)
+    document["clips"] = clip_summary
+    document["clip_folders"] = {name: summary(rows) for name, rows in sorted(folders.items())}
+    document["queries"] = query_summary
+    document["passes"] = {
+        "clip_wer": clip_summary["delta_points"] <= MAX_WER_DELTA_POINTS,
+        "decisions": query_summary["changed_share"] <= MAX_CHANGED_DECISIONS,
     }
+    return document
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,19 +253,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--queries", type=int, default=300, help="held-out queries to speak (default 300)")
     parser.add_argument("--threads", type=int, default=2, help="ASR CPU threads")
+    parser.add_argument(
+        "--window", choices=WINDOWS, default=AsrOptions().window, help="the pipeline's ASR window"
+    )
+    parser.add_argument("--no-clips", action="store_true", help="the spoken queries only")
     parser.add_argument("--smoke", action="store_true", help="2 clips per folder and 3 queries")
     parser.add_argument("--json", type=Path, help="write the document here")
+    parser.add_argument("--rescore", type=Path, help="re-score the transcripts of a stored document instead")
     args = parser.parse_args(argv)
     if args.queries < 0 or args.threads < 1:
         parser.error("--queries must be >= 0 and --threads >= 1")
-    clips = real_clips(limit_per_folder=2 if args.smoke else None)
+    if args.rescore:
+        document = summarise(json.loads(args.rescore.read_text(encoding="utf-8")))
+        return _report(document, args.json)
+    clips = [] if args.no_clips else real_clips(limit_per_folder=2 if args.smoke else None)
     with tempfile.TemporaryDirectory(prefix="sotto-asr-eval-") as tmp:
         queries = spoken_queries(3 if args.smoke else args.queries, Path(tmp))
-        document = compare(clips, queries, AsrOptions(cpu_threads=args.threads))
+        document = compare(clips, queries, AsrOptions(cpu_threads=args.threads, window=args.window))
     document["smoke"] = args.smoke
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    return _report(document, args.json)
+
+
+def _report(document: dict[str, Any], path: Path | None) -> int:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     c, q = document["clips"], document["queries"]
     print(
         f"real clips ({c['count']}, {c['words']} words): WER bare {c['bare_wer']:.2%}, pipeline "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.asr_eval import corpus_wer, real_clips, word_errors
+from tools.asr_eval import corpus_wer, real_clips, spell_number, summarise, word_errors
 from tools.paths import REPO, child_env
 
 
@@ -19,6 +19,28 @@ def test_word_errors_count_substitutions_insertions_and_deletions() -> None:
     assert word_errors("turn on the lamp", "turn of the lamp please") == (2, 4)
     assert word_errors("turn on the lamp", "") == (4, 4)
     assert corpus_wer([("a b c d", "a b c d"), ("e f", "e g")]) == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        ("0", "zero"),
+        ("8", "eight"),
+        ("10", "ten"),
+        ("42", "forty two"),
+        ("150", "one hundred fifty"),
+        ("300", "three hundred"),
+        ("007", "007"),
+        ("1000", "1000"),
+        ("ten", "ten"),
+    ],
+)
+def test_numerals_are_scored_as_words(token: str, words: str) -> None:
+    assert spell_number(token) == words
+
+
+def test_eight_of_spades_scores_like_8_of_spades() -> None:
+    assert word_errors("eight of spades", "8 of spades.") == (0, 3)
 
 
 def test_every_listed_clip_is_found_with_its_reference() -> None:
@@ -59,3 +81,5 @@ def test_smoke_run_writes_the_comparison(tmp_path: Path) -> None:
     assert document["queries"]["changed_decisions"] == changed
     assert document["passes"]["clip_wer"] == (document["clips"]["delta_points"] <= 1.0)
     assert "real clips" in proc.stdout
+    again = summarise(json.loads(out.read_text()))  # re-scoring stored transcripts gives the same figures
+    assert again["clips"] == document["clips"] and again["queries"] == document["queries"]
