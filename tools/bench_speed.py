@@ -208,8 +208,10 @@ def run(repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
     """The whole benchmark as a JSON-ready document."""
     load_before = list(os.getloadavg())
     started = time.time()
-    speed = measure(1 if smoke else repeats, threads, smoke)
+    # Memory first: the probe's peak RSS is the kernel's high-water mark, which a child started from a
+    # process that already holds every model would inherit at exec.
     mem = memory(smoke)
+    speed = measure(1 if smoke else repeats, threads, smoke)
     figures = {**speed["figures"], "peak_rss_mb": mem["peak_rss_mb"], "model_load_s": mem["model_load_s"]}
     return {
         "benchmark": "speed",
