@@ -28,6 +28,7 @@ An aggregator started with `sotto-server serve` wants a token per device: `sotto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -45,11 +46,10 @@ from typing import Any
 
 import grpc
 
-from sotto.edge.audio import AudioError, load_audio
+from sotto.edge.audio import AudioError
 from sotto.edge.client import DeliveryClient, TlsOptions
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, LdpOptions, LocalPrivacy
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
-from sotto.edge.stream import analyze_pcm, audio_to_pcm
 from sotto.wire import REGION_PATTERN
 from tools.paths import SPEECH, child_env
 
@@ -168,32 +168,30 @@ def run_device(
         if index < done:
             continue
         started = time.perf_counter()
-        results: list[Analysis]
+        result: Analysis
         try:
-            path = query.audio
-            if path is None and not as_text and speaker is not None:
-                path = speaker.speak(query.text or "")
-            if path is None:
-                results = [device.analyze_text(query.text or "")]
+            if query.audio is not None:
+                result = device.analyze_file(query.audio)
+            elif as_text or speaker is None:
+                result = device.analyze_text(query.text or "")
             else:
-                # The device's own path: the recording pushed frame by frame through the speech gate.
-                results = analyze_pcm(device, audio_to_pcm(load_audio(path)), label=query.label)
+                spoken = device.analyze_file(speaker.speak(query.text or ""))
+                result = dataclasses.replace(spoken, input=query.label)
         except AudioError as exc:
             print(f"emulate_device: skipped {query.label}: {exc}", file=sys.stderr)
             progress.update(1)
             continue
         report.latencies_ms.append((time.perf_counter() - started) * 1000)
-        for result in results:
-            report.utterances += 1
-            report.signals += len(result.signals)
-            report.withheld += result.withheld
-            if result.dropped:
-                report.dropped[result.dropped.reason] += 1
-            document = result.to_json(device.models.policy)
-            if device.ldp is not None:  # what was sent, after the budget and randomized response
-                document.update(result.noised_json(device.models.policy))
-            report.analyses.append(document)
-            client.add(result.outgoing)
+        report.utterances += 1
+        report.signals += len(result.signals)
+        report.withheld += result.withheld
+        if result.dropped:
+            report.dropped[result.dropped.reason] += 1
+        document = result.to_json(device.models.policy)
+        if device.ldp is not None:  # what was sent, after the budget and randomized response
+            document.update(result.noised_json(device.models.policy))
+        report.analyses.append(document)
+        client.add(result.outgoing)
         # Not atomic with the add: a kill in between replays the utterance, and the outbox counts the
         # replayed signals as accepted again (they are new signals as far as delivery is concerned).
         client.outbox.set_state(PROGRESS_KEY, str(index + 1))
