@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
     from sotto.edge.privacy import Dropped, FilterOptions, Interest
     from sotto.edge.signals import encode_batch
+    from sotto.edge.stream import UtteranceStream, analyze_pcm
     from sotto.edge.vad import SpeechGateOptions
     from sotto.policy import Policy
 
@@ -52,6 +53,8 @@ _EXPORTS = {
     "Policy": "sotto.policy",
     "SpeechGateOptions": "sotto.edge.vad",
     "TlsOptions": "sotto.edge.client",
+    "UtteranceStream": "sotto.edge.stream",
+    "analyze_pcm": "sotto.edge.stream",
     "encode_batch": "sotto.edge.signals",
     "load_audio": "sotto.edge.audio",
 }
@@ -78,6 +81,8 @@ __all__ = [
     "Policy",
     "SpeechGateOptions",
     "TlsOptions",
+    "UtteranceStream",
+    "analyze_pcm",
     "encode_batch",
     "load_audio",
 ]

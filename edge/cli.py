@@ -30,12 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sotto.edge.asr import COMPUTE_TYPES, AsrOptions, ModelError
-from sotto.edge.audio import SAMPLE_RATE, AudioError, pcm16_to_audio
+from sotto.edge.audio import SAMPLE_RATE, AudioError
 from sotto.edge.classifier import BACKENDS
 from sotto.edge.client import DeletionStatus, deletion_state
 from sotto.edge.ldp import DEFAULT_DAILY_BUDGET, DEFAULT_EPSILON, LdpOptions, LocalPrivacy
 from sotto.edge.outbox import STATE_LOST_KEY, Outbox, OutboxError
 from sotto.edge.pipeline import MAX_UTTERANCE_S, Analysis, EdgeConfig, EdgeModels, Pipeline, too_long
+from sotto.edge.stream import analyze_pcm
 from sotto.edge.transparency import write_page
 from sotto.policy import Policy, PolicyError, models_dir
 
@@ -279,7 +280,8 @@ def _analyze(pipeline: Pipeline, items: list[tuple[str, str | Path]]) -> Iterato
                 if seconds > MAX_UTTERANCE_S:  # not read at all: a long file would sit in memory whole
                     yield Analysis(str(item), None, [], too_long(seconds))
                     continue
-                yield pipeline.analyze_audio(pcm16_to_audio(Path(item).read_bytes()), label=str(item))
+                # The device's own path: frames through the speech gate, one answer per utterance.
+                yield from analyze_pcm(pipeline, Path(item).read_bytes(), label=str(item))
         except AudioError as exc:
             yield str(exc)
 

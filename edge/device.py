@@ -1,12 +1,13 @@
 """One pair of glasses: the pipeline, local differential privacy and delivery, wired once, with one
 persisted state.
 
-Firmware builds a :class:`Device` at boot and calls :meth:`Device.hear` for every utterance:
+Firmware builds a :class:`Device` at boot and feeds it the microphone's frames as they arrive
+(:meth:`Device.listen`), or whole utterances when it has its own end-of-query signal (:meth:`Device.hear`):
 
     device = Device("profile-id-1234", "US", target="aggregator.example.com:50051", token=token,
                     outbox="/data/sotto/outbox.db", ldp=LdpOptions(epsilon=2.0, daily_budget=20))
-    result = device.hear(audio)   # analysed, filtered, noised and stored before it returns
-    device.flush_if_due()         # after each utterance and from a timer: sends a full or overdue batch
+    for result in device.listen(frame):  # an utterance's analysis once the speech gate closes it
+        device.flush_if_due()            # after each utterance and from a timer: sends what is due
 
 Everything the wearer decides and everything the privacy guarantees depend on (the opt-out, a pending
 deletion, the minor mark, the daily privacy budget) lives in the outbox database, so it survives a
@@ -30,6 +31,7 @@ from sotto.edge.client import DeletionState, DeletionStatus, DeliveryClient, Tls
 from sotto.edge.ldp import LdpOptions, LocalPrivacy
 from sotto.edge.outbox import LedgerEntry, Outbox, OutboxLimits
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
+from sotto.edge.stream import UtteranceStream
 from sotto.edge.transparency import MINOR_STATE_KEY, write_page
 from sotto.wire import canonical_region, check_profile_id
 
@@ -124,6 +126,7 @@ class Device:
             minor=self.minor,
             ldp=self.privacy,
         )
+        self._stream: UtteranceStream | None = None  # the live microphone stream, from the first frame
 
     # --- hearing -------------------------------------------------------------------------------------
 
@@ -132,6 +135,23 @@ class Device:
         what may leave in the outbox (on disk when this returns). Sending is :meth:`flush_if_due`'s job,
         so that firmware decides when the radio is used."""
         return self._keep(self.pipeline.analyze_audio(audio, label=label))
+
+    def listen(self, frame: bytes | bytearray | memoryview) -> list[Analysis]:
+        """Take one frame of the live microphone stream (16 kHz mono int16, any size, from the audio
+        callback); return the analyses of the utterances it completed, usually none. An utterance is
+        analysed as soon as the speech gate sees the wearer stop (``UtteranceStream``) and what may leave
+        is stored as by :meth:`hear`. While the wearer is opted out frames are dropped unread."""
+        if self._stream is None:
+            self._stream = UtteranceStream(self.pipeline)
+        return [self._keep(result) for result in self._stream.push(frame)]
+
+    def stop_listening(self) -> Analysis | None:
+        """End the live stream (glasses taken off, button released): analyse the speech still buffered,
+        if any, and store what may leave. The next :meth:`listen` starts a new stream."""
+        if self._stream is None:
+            return None
+        result = self._stream.flush()
+        return None if result is None else self._keep(result)
 
     def hear_file(self, path: str | os.PathLike[str]) -> Analysis:
         """:meth:`hear` for an audio file (WAV, FLAC, ...)."""

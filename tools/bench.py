@@ -1199,6 +1199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["speed"]:  # on-device speed, side by side with bare faster-whisper: tools/bench_speed.py
+        from tools.bench_speed import main as speed
+
+        return speed(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "_memory-child":

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.harness import issue_tokens, start_server, stop_server
+from tools.paths import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
+#: The shared data sets, found like every other tool and test does ($SOTTO_SHARED_DATA honoured).
+SHARED = SHARED_DATA
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def enrolled(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 def test_every_python_block_is_exercised() -> None:
     """A new example must get a test here: each block is claimed by exactly one marker."""
-    markers = ["PcmStream()", "TlsOptions.from_files"]
+    markers = ["device.listen(frame)", "TlsOptions.from_files"]
     assert sorted(sum(m in b for m in markers) for b in python_blocks()) == [1] * len(python_blocks())
 
 
@@ -60,11 +60,12 @@ def test_the_firmware_example_runs_as_written(enrolled: tuple[Path, str]) -> Non
     subprocess.run(["espeak-ng", "-w", str(wav), "book me a flight to paris for next week"], check=True)
     audio = load_audio(wav)
     pcm = (np.clip(audio.samples, -1, 1) * 32767).astype("<i2").tobytes()
+    pcm += bytes(2 * 16000)  # a second of silence after the query: the speech gate closes the utterance
     (folder / "utterance.raw").write_bytes(pcm)
 
     proc, _ = start_server(url, listen=LISTEN)
     try:
-        done = run_block(block_with("PcmStream()"), folder)
+        done = run_block(block_with("device.listen(frame)"), folder)
     finally:
         stop_server(proc)
 
