@@ -1,6 +1,7 @@
 """What the reviewed gazetteer (models/gazetteer/) adds and costs, beside the model alone.
 
     python -m tools.gazetteer_report                    # held-out split and round 4, side by side
+    python -m tools.gazetteer_report --threshold 0.02   # at another sensitivity threshold (repeatable)
     python -m tools.gazetteer_report --hits train       # list the training queries the gazetteer fires on
 
 The classifier runs once per query (ONNX Runtime); the device's privacy filter then decides twice, with
@@ -52,31 +53,40 @@ def round4() -> list[modeldata.Example]:
 
 
 def both_decisions(
-    examples: list[modeldata.Example], models: EdgeModels, gazetteer: Gazetteer
-) -> tuple[list[Decision], list[Decision]]:
-    """(model alone, model or gazetteer): (top signal id or None, drop reason or None) per example."""
-    threshold = models.classifier.meta.sensitive_threshold
-    alone = PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=False))
-    with_gazetteer = PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=True), gazetteer)
-    out: tuple[list[Decision], list[Decision]] = ([], [])
-    for ex in examples:
-        output = models.classifier.classify(ex.text)
-        for sink, device_filter in zip(out, (alone, with_gazetteer), strict=True):
-            decision = device_filter.decide(output, DAY, ex.text)
-            if isinstance(decision, Dropped):
-                sink.append((None, decision.reason))
-            else:
-                sink.append((decision[0].category_id, None))
-    return out
+    examples: list[modeldata.Example],
+    models: EdgeModels,
+    gazetteer: Gazetteer,
+    thresholds: list[float] | None = None,
+) -> list[tuple[list[Decision], list[Decision]]]:
+    """Per sensitivity threshold (default: the model's own), the decisions of the model alone and of
+    the model or gazetteer: (top signal id or None, drop reason or None) per example. The classifier
+    runs once per example."""
+    outputs = [models.classifier.classify(ex.text) for ex in examples]
+    result = []
+    for threshold in thresholds or [models.classifier.meta.sensitive_threshold]:
+        filters = (
+            PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=False)),
+            PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=True), gazetteer),
+        )
+        out: tuple[list[Decision], list[Decision]] = ([], [])
+        for ex, output in zip(examples, outputs, strict=True):
+            for sink, device_filter in zip(out, filters, strict=True):
+                decision = device_filter.decide(output, DAY, ex.text)
+                if isinstance(decision, Dropped):
+                    sink.append((None, decision.reason))
+                else:
+                    sink.append((decision[0].category_id, None))
+        result.append(out)
+    return result
 
 
-def render(figures: dict[str, tuple[dict[str, Any], dict[str, Any]]], terms: int) -> str:
+def render(figures: dict[str, tuple[dict[str, Any], dict[str, Any]]], terms: int, threshold: float) -> str:
     """Markdown: per data set, the model alone and with the gazetteer."""
     pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
     names = list(figures)
     head = " | ".join(f"{n}: model | {n}: + gazetteer" for n in names)
     lines = [
-        f"Gazetteer: {terms} terms. Queries: "
+        f"Gazetteer: {terms} terms; sensitivity threshold {threshold:g}. Queries: "
         + "; ".join(
             f"{n}: {m['counts']['sensitive']} sensitive, {m['counts']['interest']} interest, "
             f"{m['counts']['no_interest']} no-interest"
@@ -119,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("train",),
         help="instead of figures: the training queries the gazetteer fires on (to review terms)",
     )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        action="append",
+        help="sensitivity threshold(s) to compare at (repeat; default: the model's own)",
+    )
     args = parser.parse_args(argv)
     gazetteer = Gazetteer.load(args.models)
     if args.hits:
@@ -135,14 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         "held-out": [e for e in modeldata.load_all() if e.split == "eval"],
         "round 4": round4(),
     }
-    figures = {}
+    thresholds = args.threshold or [models.classifier.meta.sensitive_threshold]
+    figures: list[dict[str, tuple[dict[str, Any], dict[str, Any]]]] = [{} for _ in thresholds]
     for name, examples in sets.items():
-        alone, with_gazetteer = both_decisions(examples, models, gazetteer)
-        figures[name] = (
-            metrics(examples, alone, models.policy),
-            metrics(examples, with_gazetteer, models.policy),
-        )
-    print(render(figures, len(gazetteer)))
+        for by_threshold, (alone, with_gazetteer) in zip(
+            figures, both_decisions(examples, models, gazetteer, thresholds), strict=True
+        ):
+            by_threshold[name] = (
+                metrics(examples, alone, models.policy),
+                metrics(examples, with_gazetteer, models.policy),
+            )
+    print("\n\n".join(render(f, len(gazetteer), t) for f, t in zip(figures, thresholds, strict=True)))
     return 0
 
 
