@@ -144,6 +144,23 @@ def test_the_shipped_gazetteer_loads_and_knows_the_issue_examples() -> None:
         assert hit is not None and hit.sensitive_class == cls, text
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "traffic on i 90 into seattle",  # a form number that is also a highway
+        "is i-485 backed up near charlotte",
+        "i lent my drill to the neighbour",
+        "a platform agnostic note taking app",
+        "green juice detox recipe",
+        "lake with plenty of fish near me",
+        "order of orleans parish court house hours",
+        "advil and a heating pad, add to cart",  # everyday remedies are not listed
+    ],
+)
+def test_the_shipped_gazetteer_leaves_everyday_meanings_alone(text: str) -> None:
+    assert Gazetteer.load().match(text) is None
+
+
 # --- the privacy filter ------------------------------------------------------------------------------
 
 
