@@ -17,6 +17,7 @@ from typing import Any
 from sotto.edge.asr import AsrOptions, Transcriber
 from sotto.edge.audio import Audio, load_audio, probe_duration
 from sotto.edge.classifier import TextClassifier
+from sotto.edge.gazetteer import Gazetteer
 from sotto.edge.ldp import LocalPrivacy
 from sotto.edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
 from sotto.edge.text import readings
@@ -105,6 +106,7 @@ class EdgeModels:
         root = models_dir(self.config.models_dir)
         self.policy = Policy.load(root)
         self.classifier = TextClassifier(root, self.config.classifier_backend, self.config.classifier_threads)
+        self.gazetteer = Gazetteer.load(root) if self.config.filter.gazetteer else None
         self._gate: SpeechGate | None = None
         self._asr: Transcriber | None = None
         self._lock = threading.Lock()
@@ -154,7 +156,7 @@ class Pipeline:
         self.models = models
         self.region = canonical_region(region)
         self.filter = PrivacyFilter(
-            models.policy, models.classifier.meta.sensitive_threshold, models.config.filter
+            models.policy, models.classifier.meta.sensitive_threshold, models.config.filter, models.gazetteer
         )
         self.filter.set_opt_out(opted_out)
         self.filter.set_minor(minor)
@@ -218,7 +220,7 @@ class Pipeline:
         # reading decides, so hiding a sensitive query behind a bidi override fails closed.
         output = max((self.models.classifier.classify(t) for t in texts), key=lambda o: o.sensitive)
         t1 = time.perf_counter()
-        decision = self.filter.decide(output, day)
+        decision = self.filter.decide(output, day, transcript)
         timings["classify"] = (t1 - t0) * 1000
         timings["filter"] = (time.perf_counter() - t1) * 1000
         if isinstance(decision, Dropped):

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from sotto.edge.classifier import ClassifierOutput
+from sotto.edge.gazetteer import Gazetteer
 from sotto.policy import Policy
 from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, day_number, weight
 
@@ -31,6 +32,9 @@ class FilterOptions:
     max_signals: int = 2
     #: Override the model's recall-first sensitivity threshold (lower = stricter).
     sensitive_threshold: float | None = None
+    #: Also drop an utterance as sensitive when it names a term of the reviewed gazetteer
+    #: (models/gazetteer/), whatever the model says: a second recall path for knowledge the model lacks.
+    gazetteer: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +72,16 @@ class PrivacyFilter:
     """Applies the device policy to classifier outputs."""
 
     def __init__(
-        self, policy: Policy, sensitive_threshold: float, options: FilterOptions | None = None
+        self,
+        policy: Policy,
+        sensitive_threshold: float,
+        options: FilterOptions | None = None,
+        gazetteer: Gazetteer | None = None,
     ) -> None:
         self.policy = policy
         self.options = options or FilterOptions()
+        #: Consulted only when ``options.gazetteer`` is on.
+        self.gazetteer = gazetteer if self.options.gazetteer else None
         self.sensitive_threshold = (
             self.options.sensitive_threshold
             if self.options.sensitive_threshold is not None
@@ -121,8 +131,17 @@ class PrivacyFilter:
             signals.append(Interest(cid, weight_level(share), day))
         return signals
 
-    def decide(self, output: ClassifierOutput, today: dt.date) -> list[Interest] | Dropped:
-        """Signals for one classified utterance, or why there are none."""
+    def decide(
+        self, output: ClassifierOutput, today: dt.date, text: str | None = None
+    ) -> list[Interest] | Dropped:
+        """Signals for one classified utterance, or why there are none. ``text`` is the transcript the
+        output came from; the gazetteer needs it (and refuses to decide without it)."""
         if output.sensitive >= self.sensitive_threshold:
             return Dropped("sensitive", output.sensitive_class)
+        if self.gazetteer is not None:
+            if text is None:  # fail closed: a caller that forgot the text must not skip the check
+                raise ValueError("the gazetteer is on: decide() needs the utterance's text")
+            hit = self.gazetteer.match(text)
+            if hit is not None:
+                return Dropped("sensitive", hit.sensitive_class)
         return self.select_interests(output, day_number(today)) or Dropped("no_interest", None)

@@ -4,6 +4,7 @@
     python -m tools.evaluate --write-card    # also write them into models/MODEL_CARD.md
     python -m tools.evaluate --baseline      # add a TF-IDF + logistic-regression baseline (needs [train])
     python -m tools.evaluate --backend onnx  # one runtime only (default: onnx and tflite)
+    python -m tools.evaluate --gazetteer off # the model alone, without the reviewed gazetteer
 
 The decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter), once per
 classifier runtime. Also reported: how often the runtimes agree with each other and with the float
@@ -26,7 +27,7 @@ import numpy as np
 
 from sotto.edge.classifier import BACKENDS, NONE_LABEL, ClassifierMeta, outputs_from_probabilities
 from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
-from sotto.edge.privacy import Dropped, PrivacyFilter
+from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES, Policy
 from tools import modeldata
 
@@ -306,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         default=list(BACKENDS),
         help="classifier runtimes to evaluate (default: all)",
     )
+    parser.add_argument(
+        "--gazetteer",
+        choices=("on", "off"),
+        default="on" if FilterOptions().gazetteer else "off",
+        help="the reviewed gazetteer as a second recall path (default: the device's default)",
+    )
     args = parser.parse_args(argv)
 
     examples = modeldata.load_all()
@@ -315,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for backend in dict.fromkeys(args.backend):
         models = EdgeModels(
-            EdgeConfig(models_dir=str(args.models), classifier_backend=backend, classifier_threads=1)
+            EdgeConfig(
+                models_dir=str(args.models),
+                classifier_backend=backend,
+                classifier_threads=1,
+                filter=FilterOptions(gazetteer=args.gazetteer == "on"),
+            )
         )
         loaded[backend] = models
         m = metrics(evals, decisions(evals, models), models.policy)

@@ -1,0 +1,47 @@
+"""tools.gazetteer_report: the model alone and with the gazetteer differ only by the gazetteer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sotto.edge.gazetteer import Gazetteer
+from sotto.edge.pipeline import EdgeConfig, EdgeModels
+from sotto.edge.privacy import FilterOptions
+from tools import gazetteer_report, modeldata
+from tools.evaluate import metrics
+
+
+def test_both_columns_share_one_classification_and_differ_by_the_gazetteer() -> None:
+    models = EdgeModels(EdgeConfig(filter=FilterOptions(gazetteer=False)))
+    examples = [
+        modeldata.Example("playlist for my grindr date", None, "sexual_orientation", "t", "eval"),
+        modeldata.Example("play some jazz in the kitchen", "338", "none", "t", "eval"),
+        modeldata.Example("set a timer for ten minutes", "none", "none", "t", "eval"),
+    ]
+    [(alone, with_gazetteer)] = gazetteer_report.both_decisions(examples, models, Gazetteer.load())
+    assert alone[0][0] is not None  # the model alone leaks it
+    assert with_gazetteer[0] == (None, "sensitive")
+    assert alone[1:] == with_gazetteer[1:]
+    a, b = metrics(examples, alone, models.policy), metrics(examples, with_gazetteer, models.policy)
+    report = gazetteer_report.render({"tiny": (a, b)}, 3, 0.5)
+    assert "| sensitive leak, overall | 100.00% | 0.00% |" in report
+    assert "| leak: sexual_orientation | 100.00% of 1 | 0.00% |" in report
+
+
+def test_round4_is_read_with_its_labels() -> None:
+    examples = gazetteer_report.round4()
+    kinds = Counter(
+        "sensitive" if e.sensitive != "none" else ("none" if e.interest == "none" else "interest")
+        for e in examples
+    )
+    # tools/data/README.md: 2,341 interest, 448 no-interest, 7,919 sensitive queries.
+    assert kinds == {"interest": 2341, "none": 448, "sensitive": 7919}
+    assert all(e.split == "round4" for e in examples)
+
+
+def test_a_stricter_threshold_drops_at_least_as_much() -> None:
+    models = EdgeModels(EdgeConfig(filter=FilterOptions(gazetteer=False)))
+    examples = [modeldata.Example("play some jazz in the kitchen", "338", "none", "t", "eval")]
+    loose, strict = gazetteer_report.both_decisions(examples, models, Gazetteer.load(), [1.0, 1e-9])
+    assert strict[0] == strict[1] == [(None, "sensitive")]
+    assert loose[0][0][0] is not None
