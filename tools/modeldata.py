@@ -3,8 +3,9 @@
 Sources (all under shared/data or tools/data):
 - CLINC150 and HWU64 voice-assistant queries, relabelled by tools/data/intent_map_*.tsv
   (intent -> IAB 3.1 id | none | sensitive:<class> | exclude); their own train/test splits are kept.
-- Hand-written voice queries in tools/data/handwritten/ (interest, no interest, sensitive, benign hard
-  negatives); a stable hash of the text puts 20% of them in the held-out evaluation split.
+- Hand-written voice queries in tools/data/handwritten/ and tools/data/round4/ (interest, no interest,
+  sensitive, benign hard negatives); a stable hash of the text puts 20% of them in the held-out
+  evaluation split.
 - MedQuAD health questions and BBQ context sentences, sampled deterministically.
 
 Each example carries an interest label (category id, "none", or None when unknown) and a sensitivity
@@ -95,9 +96,20 @@ def hwu64() -> list[Example]:
     return out
 
 
+#: The hand-written data folders of tools/data, in rounds (round4: the fourth round). The final exam,
+#: kept apart from every decision, is not among them.
+HANDWRITTEN_FOLDERS = ("handwritten", "round4")
+
+
 def handwritten() -> list[Example]:
     out = []
-    folder = DATA / "handwritten"
+    for name in HANDWRITTEN_FOLDERS:
+        out += _handwritten_folder(DATA / name)
+    return out
+
+
+def _handwritten_folder(folder: Path) -> list[Example]:
+    out = []
     for path in sorted(folder.glob("interest_queries_*.tsv")):
         out += [
             Example(r["text"], r["category_id"], NONE, path.stem, _hash_split(r["text"]))
