@@ -29,6 +29,8 @@ with --resume to go on), 1 on bad input (nothing is changed then).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -249,7 +251,7 @@ def train(
     torch = _setup_torch()
     out = run_dir / "train"
     state_path, final_path = out / "state.pt", out / "model.pt"
-    if not resume and (state_path.exists() or final_path.exists()):
+    if not resume and (out / "config.json").exists():
         raise SystemExit(f"{out} holds a run already: pass --resume to go on, or use another --run-dir")
     if resume and final_path.exists():
         log(f"{final_path}: training is complete")
@@ -471,9 +473,10 @@ def smoke(run_dir: Path) -> None:
     import torch
 
     encoder = build_models.encoder_source()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     interrupted, straight = run_dir / "interrupted", run_dir / "straight"
+    for old in (interrupted, straight):
+        if old.exists():
+            shutil.rmtree(old)
     tiny: dict[str, Any] = {"epochs": 1, "batch": 8, "checkpoint_every": 2, "limit": 64}
     assert not train(interrupted, encoder, resume=False, max_minutes=None, stop_at_step=5, **tiny)
     assert torch.load(interrupted / "train" / "state.pt", weights_only=False)["step"] == 5
@@ -503,6 +506,19 @@ def smoke(run_dir: Path) -> None:
 
 
 # --- command line -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One teacher process per run folder: a second one (say, started while the first is still before
+    its first checkpoint) would write the same checkpoint files."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / ".lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{run_dir}: another teacher process is using this run folder") from None
+        yield
 
 
 def _encoder(run_dir: Path, given: Path | None) -> Path:
@@ -547,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir.is_relative_to(build_models.ROOT):
         raise SystemExit(f"{run_dir}: keep the run folder outside the repository")
 
+    with run_lock(run_dir):
+        return _command(args, run_dir)
+
+
+def _command(args: argparse.Namespace, run_dir: Path) -> int:
     if args.command == "install":
         install(run_dir)
         return 0

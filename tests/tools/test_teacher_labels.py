@@ -128,3 +128,24 @@ def test_transfer_examples_are_outside_every_split_and_capped(
     assert medquad <= build_models.TRANSFER_CAPS["medquad"]
     # The same choice whatever the order the transfer set comes in.
     assert extra == build_models.transfer_examples(examples, labels, limit=3000, rows=rows[::-1])
+
+
+def test_one_teacher_process_per_run_folder(tmp_path: Path) -> None:
+    from tools.teacher import run_lock
+
+    with (
+        run_lock(tmp_path),
+        pytest.raises(SystemExit, match="another teacher process"),
+        run_lock(tmp_path),
+    ):
+        pass
+    with run_lock(tmp_path):  # free again once the first is done
+        pass
+
+
+def test_the_run_folder_stays_outside_the_repository() -> None:
+    from tools.teacher import main
+
+    with pytest.raises(SystemExit, match="outside the repository"):
+        main(["install", "--run-dir", str(build_models.ROOT / "build" / "teacher-run")])
+    assert not (build_models.ROOT / "build" / "teacher-run").exists()
