@@ -3,6 +3,7 @@
     pip install -e '.[train]'
     python -m tools.build_models            # data -> fine-tune -> int8 -> ONNX + TFLite -> calibrate
     python -m tools.evaluate --write-card   # held-out figures into models/MODEL_CARD.md
+    python -m tools.build_models --teacher-labels tools/data/teacher_labels.npz   # distil (tools/teacher.py)
 
 Recipe:
 1. Data from tools/modeldata.py; 15% of the training split (by text hash) is held back for calibration.

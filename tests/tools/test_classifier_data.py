@@ -19,7 +19,7 @@ from tools import modeldata
 ROOT = Path(__file__).resolve().parents[2]
 
 FOLDER = ROOT / "tools" / "data" / "handwritten"
-#: The fourth round, written under the same rules and not yet trained on (tools/data/README.md).
+#: The fourth round, written under the same rules, not yet in the shipped model (tools/data/README.md).
 ROUND4 = ROOT / "tools" / "data" / "round4"
 #: The final-exam set: another brief, another writer; evaluated once, never trained or tuned on.
 EXAM = ROOT / "tools" / "data" / "final_exam" / "final_exam.tsv"
