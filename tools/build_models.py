@@ -218,12 +218,18 @@ def transfer_examples(
 ) -> list[modeldata.Example]:
     """Texts the teacher labelled that are in no split of the recipe (not training, calibration or
     held-out), to be learnt from the soft labels alone: at most ``limit``, the templated public groups
-    capped, chosen by a hash of the text (independent of order). ``rows``: the transfer set, when the
-    caller has it already."""
+    capped, chosen by a hash of the text (independent of order); public texts only. ``rows``: the
+    transfer set, when the caller has it already."""
     known = {text_key(e.text) for e in examples}
     labelled = soft.rows()
+    # Hand-written texts are never learnt from the teacher alone: one not among ``examples`` belongs to
+    # a round this build leaves out, whose held-out fifth a later build evaluates on.
     candidates = sorted(
-        ((key, text, group) for key, text, group in transfer_set() if key in labelled and key not in known),
+        (
+            (key, text, group)
+            for key, text, group in (transfer_set() if rows is None else rows)
+            if key in labelled and key not in known and group != "handwritten"
+        ),
         key=lambda row: _unit("transfer:" + row[1]),
     )
     taken: dict[str, int] = {}
@@ -607,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         "its logits join the loss for the training examples it holds, and up to "
         f"{TRANSFER_PER_EPOCH} texts of the transfer set that are in no split are learnt from it alone",
     )
+    parser.add_argument(
+        "--round4",
+        action="store_true",
+        help="also train on tools/data/round4 (the next model's data): its held-out fifth joins the "
+        "reference outputs, so tools/modeldata.HANDWRITTEN_FOLDERS must then name it too",
+    )
     parser.add_argument("--distil-weight", type=float, default=DISTIL_WEIGHT, help="weight of the soft loss")
     parser.add_argument(
         "--temperature", type=float, default=DISTIL_TEMPERATURE, help="distillation temperature"
@@ -630,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(str(exc))
         log(f"teacher labels: {len(soft.keys)} texts from {args.teacher_labels} ({soft.meta.get('encoder')})")
 
-    examples = modeldata.load_all()
+    examples = modeldata.load_all(modeldata.WITH_ROUND4 if args.round4 else modeldata.HANDWRITTEN_FOLDERS)
     fit, calib = split_training([e for e in examples if e.split == "train"])
     if soft is not None:
         fit = fit + transfer_examples(examples, soft)

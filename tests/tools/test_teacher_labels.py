@@ -85,7 +85,7 @@ def test_the_build_finds_its_examples_soft_labels_by_text() -> None:
 
 @pytest.fixture(scope="module")
 def examples() -> list[modeldata.Example]:
-    return modeldata.load_all()
+    return modeldata.load_all(modeldata.WITH_ROUND4)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,10 @@ def test_transfer_examples_are_outside_every_split_and_capped(
     assert len(extra) == 3000
     assert not {text_key(e.text) for e in extra} & known
     assert all(e.sensitive == "" and e.interest is None for e in extra)
+    assert not any(e.source == "transfer:handwritten" for e in extra)
+    # A build without round 4 still learns none of its texts from the teacher alone.
+    shipped = build_models.transfer_examples(modeldata.load_all(), labels, limit=100_000, rows=rows)
+    assert not any(e.source == "transfer:handwritten" for e in shipped)
     medquad = sum(e.source == "transfer:medquad" for e in extra)
     assert medquad <= build_models.TRANSFER_CAPS["medquad"]
     # The same choice whatever the order the transfer set comes in.
