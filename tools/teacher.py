@@ -322,7 +322,7 @@ def train(
 
     loss_int = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_int), ignore_index=-100)
     loss_sen = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_sen))
-    started = time.monotonic()
+    started, cpu_started, last_log = time.monotonic(), time.process_time(), 0.0
     done_here, running = 0, 0.0
     model.train()
     while step < total:
@@ -347,11 +347,15 @@ def train(
         done_here += 1
         running += float(loss.item())
         elapsed = time.monotonic() - started
-        if step % 10 == 0 or step == total:
+        # Every 10 steps, or every minute when steps are slow (a shared machine, a low priority).
+        if step % 10 == 0 or step == total or elapsed - last_log > 60:
+            last_log = elapsed
             per_step = elapsed / done_here
+            cpu = (time.process_time() - cpu_started) / done_here
             log(
                 f"step {step}/{total} (epoch {epoch + 1}/{epochs}) loss {running / done_here:.4f} "
-                f"{per_step:.2f} s/step, about {(total - step) * per_step / 60:.0f} min to go"
+                f"{per_step:.2f} s/step ({cpu:.2f} s of CPU), "
+                f"about {(total - step) * per_step / 60:.0f} min to go"
             )
         out_of_time = max_minutes is not None and elapsed > max_minutes * 60
         stop_here = stop_at_step is not None and step >= stop_at_step
