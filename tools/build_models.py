@@ -3,6 +3,7 @@
     pip install -e '.[train]'
     python -m tools.build_models            # data -> fine-tune -> int8 -> ONNX + TFLite -> calibrate
     python -m tools.evaluate --write-card   # held-out figures into models/MODEL_CARD.md
+    python -m tools.build_models --teacher-labels tools/data/teacher_labels.npz   # distil (tools/teacher.py)
 
 Recipe:
 1. Data from tools/modeldata.py; 15% of the training split (by text hash) is held back for calibration.
@@ -50,6 +51,7 @@ from sotto.edge.privacy import FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES, Policy
 from tools import modeldata
 from tools.onnx_int8 import MIN_ELEMENTS, fake_quantize, quantize_onnx_weights
+from tools.teacher_labels import SoftLabels, read_soft_labels, text_key, transfer_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +72,13 @@ REPEAT_HANDWRITTEN = 3
 LEAK_BUDGET = 0.01
 LEAK_CONFIDENCE = 0.95
 CALIBRATION_SHARE = 0.15
+#: Distillation from the teacher's soft labels (--teacher-labels): the weight of the soft loss beside the
+#: hard one, the temperature both distributions are softened with, and how many texts that are in no
+#: split of the recipe (only in the transfer set) join each epoch, with caps for the templated public sets.
+DISTIL_WEIGHT = 1.0
+DISTIL_TEMPERATURE = 2.0
+TRANSFER_PER_EPOCH = 6000
+TRANSFER_CAPS = {"medquad": 1000, "bbq": 500}
 
 
 def log(msg: str) -> None:
@@ -140,6 +149,102 @@ def class_weights(labels: list[int], n: int, cap: float = 5.0) -> list[float]:
     return [float(v) for v in np.clip(w, 0.0, cap)]
 
 
+def label_lists(models: Path) -> tuple[list[str], list[str]]:
+    """The interest labels (the categories of tools/data/interest_categories.tsv + "none") and the
+    sensitivity labels ("none" + the classes), after checking no category is sensitive or unknown."""
+    policy = Policy.load(models)
+    categories = modeldata._read_tsv(modeldata.DATA / "interest_categories.tsv")
+    interest_labels = [row["id"] for row in categories] + [NONE_LABEL]
+    for cid in interest_labels[:-1]:
+        if cid in policy.sensitive or cid not in policy.taxonomy:
+            sys.exit(
+                f"interest category {cid} is sensitive or unknown; fix tools/data/interest_categories.tsv"
+            )
+    return interest_labels, [NONE_LABEL, *SENSITIVE_CLASSES]
+
+
+def hard_targets(
+    fit: list[modeldata.Example], interest_labels: list[str], sensitive_labels: list[str]
+) -> tuple[list[int], list[int], list[float], list[float]]:
+    """Label indices (interest, sensitivity; -100 = none to learn) and the class weights of the loss.
+
+    Sensitive queries teach the interest head "none": a second line of defence, since a sensitive
+    query leaks only if the detector misses it *and* the interest head emits for it. Other examples
+    teach it their label when they have one. The class weights come from the benign examples alone, so
+    the balance between the categories and "none" is theirs.
+    """
+    benign = [e.sensitive == NONE_LABEL for e in fit]
+    y_int = [
+        interest_labels.index(NONE_LABEL)
+        if not ok
+        else interest_labels.index(e.interest)
+        if e.interest is not None
+        else -100
+        for e, ok in zip(fit, benign, strict=True)
+    ]
+    y_sen = [sensitive_labels.index(e.sensitive) for e in fit]
+    w_int = class_weights(
+        [y for y, ok in zip(y_int, benign, strict=True) if ok and y >= 0], len(interest_labels)
+    )
+    w_sen = class_weights(y_sen, len(sensitive_labels))
+    return y_int, y_sen, w_int, w_sen
+
+
+def soft_targets(
+    fit: list[modeldata.Example], soft: SoftLabels | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The teacher's interest and sensitivity logits for each example (float32) and whether it has them.
+
+    Looked up by the key of the normalised text; an example the file does not hold keeps its hard
+    labels only."""
+    if soft is None:
+        return None
+    index = soft.rows()
+    rows = [index.get(text_key(e.text), -1) for e in fit]
+    has = np.array([r >= 0 for r in rows])
+    take = np.array([max(r, 0) for r in rows], dtype=np.int64)
+    return (
+        soft.interest[take].astype(np.float32),
+        soft.sensitive[take].astype(np.float32),
+        has,
+    )
+
+
+def transfer_examples(
+    examples: list[modeldata.Example],
+    soft: SoftLabels,
+    limit: int = TRANSFER_PER_EPOCH,
+    rows: list[tuple[str, str, str]] | None = None,
+) -> list[modeldata.Example]:
+    """Texts the teacher labelled that are in no split of the recipe (not training, calibration or
+    held-out), to be learnt from the soft labels alone: at most ``limit``, the templated public groups
+    capped, chosen by a hash of the text (independent of order); public texts only. ``rows``: the
+    transfer set, when the caller has it already."""
+    known = {text_key(e.text) for e in examples}
+    labelled = soft.rows()
+    # Hand-written texts are never learnt from the teacher alone: one not among ``examples`` belongs to
+    # a round this build leaves out, whose held-out fifth a later build evaluates on.
+    candidates = sorted(
+        (
+            (key, text, group)
+            for key, text, group in (transfer_set() if rows is None else rows)
+            if key in labelled and key not in known and group != "handwritten"
+        ),
+        key=lambda row: _unit("transfer:" + row[1]),
+    )
+    taken: dict[str, int] = {}
+    out: list[modeldata.Example] = []
+    for _, text, group in candidates:
+        if len(out) >= limit:
+            break
+        if taken.get(group, 0) >= TRANSFER_CAPS.get(group, limit):
+            continue
+        taken[group] = taken.get(group, 0) + 1
+        # No hard labels: sensitive="" marks an example taught by the teacher alone.
+        out.append(modeldata.Example(text, None, "", f"transfer:{group}", "train"))
+    return out
+
+
 def build_model(src: Path, n_interest: int, n_sensitive: int):  # type: ignore[no-untyped-def]
     import copy
 
@@ -207,30 +312,39 @@ def train(
     interest_labels: list[str],  # type: ignore[no-untyped-def]
     sensitive_labels: list[str],
     epochs: int = EPOCHS,
+    soft: SoftLabels | None = None,
+    distil_weight: float = DISTIL_WEIGHT,
+    temperature: float = DISTIL_TEMPERATURE,
 ) -> None:
+    """Fine-tune on ``fit``: cross-entropy on the hard labels, plus, with the teacher's ``soft`` labels,
+    ``distil_weight`` times the KL divergence from the teacher's softened distributions (temperature
+    ``temperature``, scaled by its square) on the examples the file holds. Examples whose ``sensitive``
+    is "" have no hard labels and learn from the teacher alone."""
     import torch
 
     texts = [normalize_text(e.text) for e in fit]
-    # Sensitive queries teach the interest head "none": a second line of defence, since a sensitive
-    # query leaks only if the detector misses it *and* the interest head emits for it. Other examples
-    # teach it their label when they have one (-100 = ignored). The class weights come from the
-    # benign examples alone, so the balance between the categories and "none" is theirs.
-    benign = [e.sensitive == NONE_LABEL for e in fit]
-    y_int = [
-        interest_labels.index(NONE_LABEL)
-        if not ok
-        else interest_labels.index(e.interest)
-        if e.interest is not None
-        else -100
-        for e, ok in zip(fit, benign, strict=True)
-    ]
-    y_sen = [sensitive_labels.index(e.sensitive) for e in fit]
-    w_int = class_weights(
-        [y for y, ok in zip(y_int, benign, strict=True) if ok and y >= 0], len(interest_labels)
-    )
-    w_sen = class_weights(y_sen, len(sensitive_labels))
+    labelled = [e for e in fit if e.sensitive]
+    y_int_l, y_sen_l, w_int, w_sen = hard_targets(labelled, interest_labels, sensitive_labels)
+    it_int, it_sen = iter(y_int_l), iter(y_sen_l)
+    y_int = [next(it_int) if e.sensitive else -100 for e in fit]
+    y_sen = [next(it_sen) if e.sensitive else -100 for e in fit]
     loss_int = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_int), ignore_index=-100)
-    loss_sen = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_sen))
+    loss_sen = torch.nn.CrossEntropyLoss(weight=torch.tensor(w_sen), ignore_index=-100)
+    teacher = soft_targets(fit, soft)
+    if teacher is not None:
+        t_int, t_sen = torch.from_numpy(teacher[0]), torch.from_numpy(teacher[1])
+        t_has = torch.from_numpy(teacher[2])
+        log(f"distilling from the teacher on {int(t_has.sum())} of {len(fit)} examples")
+        if not bool(t_has[[i for i, e in enumerate(fit) if not e.sensitive]].all()):
+            raise ValueError("an example without hard labels has no soft labels either")
+
+    def distil(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.kl_div(
+            torch.log_softmax(student / temperature, dim=-1),
+            torch.log_softmax(target / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        ) * (temperature**2)
 
     gen = torch.Generator().manual_seed(SEED)
     steps = epochs * math.ceil(len(fit) / BATCH)
@@ -251,9 +365,19 @@ def train(
             mask = torch.tensor([e.attention_mask for e in enc])
             li, ls = model.logits(ids, mask)
             yi = torch.tensor([y_int[i] for i in rows])
-            loss = loss_sen(ls, torch.tensor([y_sen[i] for i in rows]))
+            ys = torch.tensor([y_sen[i] for i in rows])
+            loss = torch.zeros(())
+            if (ys >= 0).any():
+                loss = loss + loss_sen(ls, ys)
             if (yi >= 0).any():
                 loss = loss + loss_int(li, yi)
+            if teacher is not None:
+                keep = t_has[rows]
+                if bool(keep.any()):
+                    sel = torch.tensor(rows)[keep]
+                    loss = loss + distil_weight * (
+                        distil(li[keep], t_int[sel]) + distil(ls[keep], t_sen[sel])
+                    )
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -481,6 +605,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the existing model files; only recompute the threshold and classifier.json",
     )
+    parser.add_argument(
+        "--teacher-labels",
+        type=Path,
+        default=None,
+        help="distil from the teacher's soft labels in this file (written by python -m tools.teacher): "
+        "its logits join the loss for the training examples it holds, and up to "
+        f"{TRANSFER_PER_EPOCH} texts of the transfer set that are in no split are learnt from it alone",
+    )
+    parser.add_argument(
+        "--round4",
+        action="store_true",
+        help="also train on tools/data/round4 (the next model's data): its held-out fifth joins the "
+        "reference outputs, so tools/modeldata.HANDWRITTEN_FOLDERS must then name it too",
+    )
+    parser.add_argument("--distil-weight", type=float, default=DISTIL_WEIGHT, help="weight of the soft loss")
+    parser.add_argument(
+        "--temperature", type=float, default=DISTIL_TEMPERATURE, help="distillation temperature"
+    )
     args = parser.parse_args(argv)
     started = time.time()
 
@@ -491,18 +633,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(2)
 
-    policy = Policy.load(args.out)
-    categories = modeldata._read_tsv(modeldata.DATA / "interest_categories.tsv")
-    interest_labels = [row["id"] for row in categories] + [NONE_LABEL]
-    sensitive_labels = [NONE_LABEL, *SENSITIVE_CLASSES]
-    for cid in interest_labels[:-1]:
-        if cid in policy.sensitive or cid not in policy.taxonomy:
-            sys.exit(
-                f"interest category {cid} is sensitive or unknown; fix tools/data/interest_categories.tsv"
-            )
+    interest_labels, sensitive_labels = label_lists(args.out)
+    soft = None
+    if args.teacher_labels is not None:
+        try:
+            soft = read_soft_labels(args.teacher_labels, interest_labels, sensitive_labels)
+        except (OSError, ValueError) as exc:
+            sys.exit(str(exc))
+        log(f"teacher labels: {len(soft.keys)} texts from {args.teacher_labels} ({soft.meta.get('encoder')})")
 
-    examples = modeldata.load_all()
+    examples = modeldata.load_all(modeldata.WITH_ROUND4 if args.round4 else modeldata.HANDWRITTEN_FOLDERS)
     fit, calib = split_training([e for e in examples if e.split == "train"])
+    if soft is not None:
+        fit = fit + transfer_examples(examples, soft)
     log(
         f"{len(examples)} examples; fine-tuning on {len(fit)}, calibrating on {len(calib)}\n"
         f"{modeldata.summary(examples)}"
@@ -525,7 +668,17 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
             model.eval()
         else:
-            train(model, tokenizer, fit, interest_labels, sensitive_labels, args.epochs)
+            train(
+                model,
+                tokenizer,
+                fit,
+                interest_labels,
+                sensitive_labels,
+                args.epochs,
+                soft=soft,
+                distil_weight=args.distil_weight,
+                temperature=args.temperature,
+            )
             if args.checkpoint is not None:
                 args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), args.checkpoint)

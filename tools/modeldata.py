@@ -3,8 +3,9 @@
 Sources (all under shared/data or tools/data):
 - CLINC150 and HWU64 voice-assistant queries, relabelled by tools/data/intent_map_*.tsv
   (intent -> IAB 3.1 id | none | sensitive:<class> | exclude); their own train/test splits are kept.
-- Hand-written voice queries in tools/data/handwritten/ (interest, no interest, sensitive, benign hard
-  negatives); a stable hash of the text puts 20% of them in the held-out evaluation split.
+- Hand-written voice queries (interest, no interest, sensitive, benign hard negatives) in
+  tools/data/handwritten/, and in tools/data/round4/ when asked for (WITH_ROUND4); a stable hash of the
+  text puts 20% of them in the held-out evaluation split.
 - MedQuAD health questions and BBQ context sentences, sampled deterministically.
 
 Each example carries an interest label (category id, "none", or None when unknown) and a sensitivity
@@ -95,9 +96,23 @@ def hwu64() -> list[Example]:
     return out
 
 
-def handwritten() -> list[Example]:
+#: The hand-written data folders of tools/data the shipped model was trained on (its held-out fifth is the
+#: one models/reference_outputs.npz covers)...
+HANDWRITTEN_FOLDERS = ("handwritten",)
+#: ... and with the fourth round, the next model's data (the teacher's, and the device build's with
+#: --round4). The final exam, kept apart from every decision, is in neither.
+WITH_ROUND4 = ("handwritten", "round4")
+
+
+def handwritten(folders: tuple[str, ...] = HANDWRITTEN_FOLDERS) -> list[Example]:
     out = []
-    folder = DATA / "handwritten"
+    for name in folders:
+        out += _handwritten_folder(DATA / name)
+    return out
+
+
+def _handwritten_folder(folder: Path) -> list[Example]:
+    out = []
     for path in sorted(folder.glob("interest_queries_*.tsv")):
         out += [
             Example(r["text"], r["category_id"], NONE, path.stem, _hash_split(r["text"]))
@@ -139,9 +154,10 @@ def bbq(per_class: int = 500, seed: int = 13) -> list[Example]:
     return out
 
 
-def load_all() -> list[Example]:
-    """Every example, deduplicated by lowercase text (the first occurrence wins, eval before train)."""
-    examples = clinc150() + hwu64() + handwritten() + medquad() + bbq()
+def load_all(folders: tuple[str, ...] = HANDWRITTEN_FOLDERS) -> list[Example]:
+    """Every example, deduplicated by lowercase text (the first occurrence wins, eval before train), with
+    the hand-written ``folders`` of tools/data."""
+    examples = clinc150() + hwu64() + handwritten(folders) + medquad() + bbq()
     examples.sort(key=lambda e: e.split != "eval")  # keep held-out copies when a text appears twice
     seen: set[str] = set()
     unique = []
