@@ -414,7 +414,7 @@ class Outbox:
             for row in salvage.ledger:
                 conn.execute(
                     "INSERT OR IGNORE INTO ledger (batch_id, position, category_id, weight_level, day, "
-                    "sent_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "sent_at, epsilon_milli) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
             state.pop(STATE_DIGEST_KEY, None)
@@ -908,7 +908,7 @@ def _table_definitions() -> dict[str, str]:
 class _Salvage:
     signals: list[tuple[str, str, int, int, int, float]] = field(default_factory=list)
     batches: list[tuple[bytes, bytes, float]] = field(default_factory=list)
-    ledger: list[tuple[bytes, int, str, int, int, float]] = field(default_factory=list)
+    ledger: list[tuple[bytes, int, str, int, int, float, int | None]] = field(default_factory=list)
     state: list[tuple[str, str]] = field(default_factory=list)
     counters: list[tuple[str, int]] = field(default_factory=list)
     unreadable: int = 0
@@ -960,10 +960,16 @@ def _salvage(path: Path) -> _Salvage:
         # before reading anything; writable_schema lets it read the pages that are there (nothing is
         # written: this is the moved-aside copy, only read).
         conn.execute("PRAGMA writable_schema = ON")
+        # A file from before schema 2 has no epsilon in its ledger: read it as NULL (not recorded).
+        try:
+            conn.execute("SELECT epsilon_milli FROM ledger LIMIT 0")
+            ledger_epsilon = "epsilon_milli"
+        except _DB_ERRORS:
+            ledger_epsilon = "NULL"
         tables: dict[str, str] = {
             "signals": "region, category_id, weight_level, day, epsilon_milli, created_at",
             "batches": "batch_id, payload, created_at",
-            "ledger": "batch_id, position, category_id, weight_level, day, sent_at",
+            "ledger": f"batch_id, position, category_id, weight_level, day, sent_at, {ledger_epsilon}",
         }
         for table, columns in tables.items():
             try:
@@ -1048,9 +1054,10 @@ def _valid(table: str, row: tuple[object, ...]) -> bool:
             return False
         return message.batch_id == batch_id and len(message.signals) > 0 and isinstance(created, float | int)
     if table == "ledger":
-        batch_id, position, cid, level, day, sent_at = row
+        batch_id, position, cid, level, day, sent_at, milli = row
         return (
-            isinstance(batch_id, bytes)
+            (milli is None or (isinstance(milli, int) and milli >= 0))
+            and isinstance(batch_id, bytes)
             and isinstance(position, int)
             and isinstance(cid, str)
             and isinstance(level, int)

@@ -34,12 +34,15 @@ NOT_RUN_HERE = {
     "pip install": "installs: CI's set-up (tools/bootstrap.sh) and tests/e2e/test_wheel.py",
     "python -m tools.build_models": "a 20-minute model build; its pieces have tests in tests/tools",
     "python -m tools.evaluate": "rewrites the model card from a full evaluation; tests/edge parity tests",
+    "python -m tools.fuzz ": "the long fuzz run (10^6 cases); tests/tools/test_fuzz.py runs it bounded",
+    "python -m tools.attack_streams": "a timed attack; tests/tools/test_attack_streams.py runs it short",
 }
 
 
-#: A block holding this is a production template (hosts, /etc paths): its commands are not run here; the
-#: same commands run above with a local store, and tests/server covers TLS, PostgreSQL and the metrics.
-PRODUCTION_TEMPLATE = "db.internal"
+#: A block holding one of these is a production template (hosts, /etc paths): its commands are not run
+#: here; the same commands run above with a local store, tests/server covers TLS, PostgreSQL and the
+#: metrics, and tests/server/test_server_sharded.py the cluster commands on real PostgreSQL servers.
+PRODUCTION_TEMPLATES = ("db.internal", "proxy.internal")
 
 
 def commands() -> list[str]:
@@ -47,7 +50,7 @@ def commands() -> list[str]:
     those of production templates."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S):
-        if PRODUCTION_TEMPLATE in block:
+        if any(marker in block for marker in PRODUCTION_TEMPLATES):
             continue
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
@@ -70,10 +73,12 @@ class Shell:
         self.env["SOTTO_OUTBOX"] = str(folder / "sotto-data" / "outbox.db")
         self.ran: list[str] = []
 
-    def run(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, command: str, timeout: float = 300, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             ["bash", "-c", command],
-            cwd=self.folder,
+            cwd=cwd or self.folder,
             env=self.env,
             capture_output=True,
             text=True,
@@ -113,10 +118,14 @@ def test_every_readme_command_runs(shell: Shell) -> None:
     serve = [c for c in runnable if c.startswith("sotto-server serve --db sqlite")]
     emulate = [c for c in runnable if c.startswith("python -m tools.emulate_device")]
     admin = [c for c in runnable if re.match(r"sotto-server (profile|audience|delete|minor)", c)]
-    unclaimed = set(runnable) - set(device + issue + serve + emulate + admin)
+    # The operator's alerting rules, checked from the checkout as the README shows.
+    rules = [c for c in runnable if re.match(r"(cd deploy/prometheus && )?promtool ", c)]
+    unclaimed = set(runnable) - set(device + issue + serve + emulate + admin + rules)
     assert not unclaimed, f"README commands this test does not know how to run: {sorted(unclaimed)}"
-    assert device and len(serve) == 1 and emulate and admin
+    assert device and len(serve) == 1 and emulate and admin and rules
 
+    for command in rules:
+        shell.run(command, cwd=REPO)
     for command in device:
         shell.run(command)
 
@@ -150,7 +159,7 @@ def test_every_readme_command_runs(shell: Shell) -> None:
                 assert json.loads(done.stdout)["scores"], done.stdout
     finally:
         stop_server(proc)
-    assert len(shell.ran) == len(device + issue + emulate + admin)
+    assert len(shell.ran) == len(device + issue + emulate + admin + rules)
 
 
 @pytest.mark.parametrize("prefix", sorted(NOT_RUN_HERE))

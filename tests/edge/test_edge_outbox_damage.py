@@ -137,7 +137,7 @@ _WRITER = textwrap.dedent(
     from sotto.edge.outbox import Outbox
     from sotto.edge.privacy import Interest
     box = Outbox(sys.argv[1])
-    while True:
+    for _ in sys.stdin:  # one add per line the test sends, so it knows how many can have been stored
         box.add("US", [Interest("338", 4, int(sys.argv[2]))])
         print("stored", flush=True)
     """
@@ -150,14 +150,23 @@ def test_a_side_file_deleted_after_a_crash_loses_no_stored_signal(tmp_path: Path
     stored = 0
     for _cycle in range(10):
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), str(DAY)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _WRITER, str(path), str(DAY)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        assert proc.stdout is not None
+        assert proc.stdin is not None and proc.stdout is not None
         for _ in range(rng.randint(3, 15)):
+            proc.stdin.write("add\n")
+            proc.stdin.flush()
             assert proc.stdout.readline() == "stored\n"
             stored += 1
+        proc.stdin.write("add\n")  # one more add under way (or not yet begun) when the kill comes
+        proc.stdin.flush()
         proc.kill()  # kill -9: mid-transaction, with whatever side files exist right now
         proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
         for suffix in ("-wal", "-shm", "-journal"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     with Outbox(path) as box:

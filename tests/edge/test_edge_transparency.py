@@ -96,7 +96,7 @@ def test_a_device_page_shows_what_left_what_never_left_and_the_controls(
 
 def test_every_string_on_the_page_is_escaped(tmp_path: Path) -> None:
     """A hostile category name (from a taxonomy file) and a hostile id (from the database) show as text."""
-    taxonomy = Taxonomy({"666": Category("666", HOSTILE, None, HOSTILE, "666")})
+    taxonomy = Taxonomy({"666": Category("666", HOSTILE, None, HOSTILE)})
     with Outbox(tmp_path / "outbox.db") as box:
         box.add("US", [Interest("666", 4, day_number(TODAY)), Interest(MUSIC, 2, day_number(TODAY))])
         box.seal(PROFILE, batch_size=2)
@@ -196,3 +196,8 @@ def test_ledger_html_refuses_other_modes(tmp_path: Path, extra: list[str]) -> No
 def test_ledger_html_into_a_folder_is_an_error(tmp_path: Path) -> None:
     proc = _edge("ledger", "--outbox", str(tmp_path / "o.db"), "--html", str(tmp_path))
     assert proc.returncode == 2 and "is a folder" in proc.stderr
+
+
+def test_every_drop_reason_is_explained_to_the_wearer() -> None:
+    """A new drop reason must get the wearer's words before it can be counted on the page."""
+    assert list(DROP_REASON_TEXT) == list(DROP_REASONS)
