@@ -371,6 +371,8 @@ class Outbox:
             )
         if version == SCHEMA_VERSION:
             return
+        if version < 0:  # _integrity_problem moves such a file aside first; an in-memory one cannot be
+            raise OutboxError(f"{self.path or 'memory'}: schema version {version} is not one any outbox has")
         with self._tx() as conn:
             if version == 0:
                 for statement in _SCHEMA:
@@ -871,6 +873,8 @@ def _integrity_problem(path: Path) -> str | None:
             if rows != ["ok"]:
                 return rows[0] if rows else "integrity_check returned nothing"
             (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version < 0:  # a damaged header: no version this software ever wrote
+                return f"schema version {version} is not one any outbox has"
             if version == SCHEMA_VERSION:
                 return _schema_problem(conn)
             if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:

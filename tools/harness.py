@@ -9,9 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
-import select
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,22 @@ _LISTENING = re.compile(r"listening on (\S+:\d+)\n")
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The next stdout line of ``proc``; ``TimeoutError`` when none comes within ``timeout`` seconds."""
+    """The next stdout line of ``proc``; ``TimeoutError`` when none comes within ``timeout`` seconds.
+
+    The line is read by a helper thread rather than after ``select``: a line that came in the same read
+    as the one before it already sits in the pipe object's buffer, where ``select`` cannot see it. After a
+    timeout the thread stays blocked until the process ends (the callers stop it)."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError(
-            f"no output within {timeout}s; stderr: {proc.stderr.read() if proc.stderr else ''}"
-        )
-    return proc.stdout.readline()
+    stdout = proc.stdout
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines:
+        # Its stderr only if it has exited: reading a live process's stderr would wait for its end.
+        err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+        raise TimeoutError(f"no output within {timeout}s; stderr: {err}")
+    return lines[0]
 
 
 def start_server(

@@ -103,6 +103,26 @@ def test_an_intact_state_survives_recovery_of_other_damage(tmp_path: Path) -> No
         client.close()
 
 
+def test_a_damaged_schema_version_is_recovered_not_migrated(tmp_path: Path) -> None:
+    """A flipped top bit in the header's user_version (byte 60) makes the version negative: the file is
+    damaged (moved aside and salvaged), never taken for an old outbox to migrate."""
+    path = tmp_path / "outbox.db"
+    client = _client(path)
+    client.add([Interest(MUSIC, 4, DAY)] * 3)
+    client.set_opt_out(True)
+    client.close()
+    with path.open("r+b") as f:
+        f.seek(60)
+        f.write(b"\x80")
+    client = _client(path)
+    try:
+        assert client.outbox.recovery is not None
+        assert client.opted_out is True  # the wearer's choice came through the salvage
+    finally:
+        client.close()
+    assert list(tmp_path.glob("outbox.db.damaged-*"))
+
+
 # --- 10: salvage keeps the ledger and the counters; a lost side file loses nothing stored ------------
 
 
