@@ -232,7 +232,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         serve,
         "--max-connections",
         "N",
-        "5000",
+        "10000",
         "connections kept open at once, per process; gRPC closes one more as soon as it is accepted "
         "(the open-file limit is raised to fit)",
         _number(int, 1),

@@ -3,7 +3,8 @@
 Attacker processes open TCP connections as fast as they can; each sends the HTTP/2 preface, its SETTINGS and
 ``--pings`` PING frames in one write (built with the ``h2`` library), reads what the server answers until it
 closes the connection, has acknowledged every ping or ``--read-timeout`` passes, then closes and starts
-again. Meanwhile devices send valid batches, on a connection opened before the storm (``--senders``) and on
+again (with ``--hold`` it keeps each connection the server answered open until the end, and opens the
+next). Meanwhile devices send valid batches, on a connection opened before the storm (``--senders``) and on
 a new connection for every batch (``--reconnecting-senders``, as a device that wakes up, connects and
 flushes); the tool reports their latency (p50, p99, max) and status codes without the storm first, then
 under it, with the storm's size, what the server did with its connections, the server's CPU time and the
@@ -25,6 +26,7 @@ import collections
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +43,7 @@ import h2.exceptions
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
 from tools.attack_streams import PROFILE, devices, figures
-from tools.harness import issue_tokens, start_server, stop_server
+from tools.harness import issue_tokens, read_line, stop_server
 from tools.paths import REPO, child_env
 
 #: A channel with a connection of its own (gRPC shares one between channels to the same target otherwise).
@@ -58,21 +60,28 @@ def _client(pings: int) -> tuple[h2.connection.H2Connection, bytes]:
     return conn, conn.data_to_send()
 
 
-async def ping_once(host: str, port: int, pings: int, read_timeout: float) -> str:
+async def ping_once(
+    host: str, port: int, pings: int, read_timeout: float, held: list[asyncio.StreamWriter] | None = None
+) -> str:
     """One connection of the storm; how it ended:
 
     ``goaway_<CODE>``: the server sent GOAWAY with that error code (``ENHANCE_YOUR_CALM`` for too many
     pings); ``acked``: every ping was acknowledged and the attacker closed; ``closed_unanswered``: the
     server closed the connection without a word (no SETTINGS: refused as soon as it was accepted);
-    ``closed``: closed after SETTINGS without GOAWAY; ``reset``, ``connect_error``, ``timeout``.
+    ``closed``: closed after SETTINGS without GOAWAY; ``reset``, ``connect_error``, ``timeout``. With
+    ``held``, a connection whose pings were all acknowledged is not closed but added to it (``held``).
     """
     conn, data = _client(pings)
     try:
         reader, writer = await asyncio.open_connection(host, port)
-    except OSError:
+    except (
+        OSError
+    ):  # refused, or out of file descriptors: a moment's pause, so that the loop stays responsive
+        await asyncio.sleep(0.01)
         return "connect_error"
     settings = False
     acked = 0
+    keep = False
     try:
         writer.write(data)
         async with asyncio.timeout(read_timeout):
@@ -88,8 +97,9 @@ async def ping_once(host: str, port: int, pings: int, read_timeout: float) -> st
                     elif isinstance(event, h2.events.ConnectionTerminated):
                         code = event.error_code
                         return f"goaway_{getattr(code, 'name', code)}"
-                if acked == pings:
-                    return "acked"
+                if acked == pings and settings:
+                    keep = held is not None
+                    return "held" if keep else "acked"
     except TimeoutError:
         return "timeout"
     except (ConnectionResetError, BrokenPipeError):
@@ -97,23 +107,31 @@ async def ping_once(host: str, port: int, pings: int, read_timeout: float) -> st
     except h2.exceptions.ProtocolError:
         return "protocol_error"
     finally:
-        writer.close()
+        if keep:
+            assert held is not None
+            held.append(writer)
+        else:
+            writer.close()
 
 
 async def storm(
-    target: str, parallel: int, pings: int, read_timeout: float, stop: asyncio.Event
+    target: str, parallel: int, pings: int, read_timeout: float, stop: asyncio.Event, hold: bool = False
 ) -> dict[str, int]:
-    """``parallel`` loops of ``ping_once`` until ``stop``: the count of each outcome."""
+    """``parallel`` loops of ``ping_once`` until ``stop``: the count of each outcome. With ``hold``, the
+    connections the server kept open stay open until ``stop``."""
     host, _, port = target.rpartition(":")
     outcomes: collections.Counter[str] = collections.Counter()
+    held: list[asyncio.StreamWriter] | None = [] if hold else None
 
     async def loop() -> None:
         while not stop.is_set():
-            outcomes[await ping_once(host, int(port), pings, read_timeout)] += 1
+            outcomes[await ping_once(host, int(port), pings, read_timeout, held)] += 1
 
     tasks = [asyncio.create_task(loop()) for _ in range(parallel)]
     await stop.wait()
     await asyncio.gather(*tasks, return_exceptions=True)
+    for writer in held or ():
+        writer.close()
     return dict(outcomes)
 
 
@@ -154,6 +172,27 @@ async def reconnecting_devices(
     return latencies, codes
 
 
+def _log_summary(text: str) -> dict[str, object]:
+    """Size of the server's log and its distinct messages (timestamps and numbers taken out), most frequent
+    first: what a storm made the server write."""
+    lines = text.splitlines()
+    kinds = collections.Counter(re.sub(r"[0-9]+", "N", line.split(" level=", 1)[-1])[:160] for line in lines)
+    return {"lines": len(lines), "bytes": len(text.encode()), "messages": dict(kinds.most_common(5))}
+
+
+def _open_files(pid: int | None) -> dict[str, int] | None:
+    """How many file descriptors process ``pid`` has open, and its soft limit (Linux), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        count = len(os.listdir(f"/proc/{pid}/fd"))
+        limits = Path(f"/proc/{pid}/limits").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^Max open files\s+(\d+)", limits, re.M)
+    return {"open": count, "soft_limit": int(match.group(1)) if match else -1}
+
+
 def _cpu_seconds(pid: int | None) -> float | None:
     """User plus system CPU time of process ``pid`` so far (Linux), None when unknown."""
     if pid is None:
@@ -189,7 +228,8 @@ async def measure(
         subprocess.Popen(
             [sys.executable, "-m", "tools.attack_pings", "--attack-only", target]
             + ["--parallel", str(args.parallel), "--pings", str(args.pings)]
-            + ["--read-timeout", str(args.read_timeout)],
+            + ["--read-timeout", str(args.read_timeout)]
+            + (["--hold"] if args.hold else []),
             cwd=REPO,
             env=child_env(),
             stdout=subprocess.PIPE,
@@ -203,11 +243,18 @@ async def measure(
         cpu_2 = _cpu_seconds(server_pid)
         under_attack = await _window(args, target, token, args.seconds)
         cpu_3 = _cpu_seconds(server_pid)
+        files = _open_files(server_pid)
         load_after = os.getloadavg()
     finally:
         for attacker in attackers:
             attacker.send_signal(signal.SIGTERM)
-        outs = [attacker.communicate(timeout=60)[0] for attacker in attackers]
+        outs = []
+        for attacker in attackers:
+            try:
+                outs.append(attacker.communicate(timeout=60)[0])
+            except subprocess.TimeoutExpired:
+                attacker.kill()
+                outs.append(attacker.communicate()[0])
     outcomes: collections.Counter[str] = collections.Counter()
     for out in outs:
         if out.strip():
@@ -223,6 +270,7 @@ async def measure(
             "attacker_processes": args.attackers,
             "parallel_per_process": args.parallel,
             "pings_per_connection": args.pings,
+            "held_open": args.hold,
             "connections": connections,
             "connections_per_second": round(connections / storm_seconds),
             "pings_sent": connections * args.pings,
@@ -235,6 +283,7 @@ async def measure(
             "baseline": cpu(cpu_0, cpu_1, args.baseline_seconds),
             "under_attack": cpu(cpu_2, cpu_3, args.seconds),
         },
+        "server_files_at_the_end_of_the_storm": files,
         "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "cpus": os.cpu_count(),
         "target_p99_ms": args.target_p99_ms,
@@ -247,7 +296,7 @@ def _storm_only(args: argparse.Namespace) -> None:
     async def run() -> dict[str, int]:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        return await storm(args.attack_only, args.parallel, args.pings, args.read_timeout, stop)
+        return await storm(args.attack_only, args.parallel, args.pings, args.read_timeout, stop, args.hold)
 
     print(json.dumps(asyncio.run(run())), flush=True)
 
@@ -260,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attackers", type=int, default=2, help="attacking processes")
     parser.add_argument("--parallel", type=int, default=50, help="connections each attacker has open at once")
     parser.add_argument("--pings", type=int, default=20, help="PING frames sent on each connection")
+    parser.add_argument(
+        "--hold", action="store_true", help="keep each connection the server answers open until the end"
+    )
     parser.add_argument("--read-timeout", type=float, default=5, help="longest wait for the server's answer")
     parser.add_argument("--seconds", type=float, default=20, help="time valid Ingest calls are measured")
     parser.add_argument("--baseline-seconds", type=float, default=5, help="the same without the storm")
@@ -287,15 +339,31 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             db = f"sqlite:///{Path(tmp, 'attack.db').resolve()}"
             token = json.loads(issue_tokens(db, PROFILE))[PROFILE]
-            proc, target = start_server(
-                db,
-                *("--rate-per-second", "1000000", "--rate-burst", "1000000", "--log-level", "WARNING"),
-                *args.serve_arg,
-            )
+            log = Path(tmp, "server.log")
+            # The log goes to a file, not a pipe: gRPC may log every failed accept, and a full pipe would
+            # stall the server.
+            with log.open("w") as stderr:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "sotto.server", "serve", "--listen", "127.0.0.1:0", "--db", db]
+                    + ["--rate-per-second", "1000000", "--rate-burst", "1000000", "--log-level", "WARNING"]
+                    + args.serve_arg,
+                    cwd=REPO,
+                    env=child_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                )
             try:
+                line = read_line(proc, 60)
+                if not line.startswith("listening on "):
+                    raise SystemExit(
+                        f"attack_pings: the aggregator did not start: {line!r} {log.read_text()}"
+                    )
+                target = line.removeprefix("listening on ").strip()
                 result = asyncio.run(measure(args, target, token, proc.pid))
             finally:
                 stop_server(proc)
+            result["server_log"] = _log_summary(log.read_text(errors="replace"))
     print(json.dumps(result, indent=2))
     under = result["under_attack"]
     assert isinstance(under, dict)
