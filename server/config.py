@@ -102,6 +102,8 @@ class ServerConfig:
     #: more is closed as soon as it is accepted, before any HTTP/2 or TLS work, so that a flood of
     #: connections cannot take the file descriptors and memory that the open connections, the store and
     #: the metrics endpoint need. Per process: ``serve --workers N`` keeps up to N times as many.
+    #: ``sotto-server serve`` raises the open-file limit to fit (``limits.ensure_open_files``); so should
+    #: an embedding, or the limit (often 1,024) stops accepting connections first.
     max_connections: int = 10_000
     #: Seconds an unauthenticated call waits for its refusal (at most 100 wait at once; see
     #: ``Guard._hold_back``). ``sotto-server serve`` uses 1; 0 answers at once.

@@ -74,9 +74,9 @@ async def ping_once(
     conn, data = _client(pings)
     try:
         reader, writer = await asyncio.open_connection(host, port)
-    except (
-        OSError
-    ):  # refused, or out of file descriptors: a moment's pause, so that the loop stays responsive
+    except OSError:
+        # Refused, or out of file descriptors: pause a moment, or the loop would never yield to its
+        # SIGTERM handler (a failed connect returns without waiting).
         await asyncio.sleep(0.01)
         return "connect_error"
     settings = False
