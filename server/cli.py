@@ -22,6 +22,7 @@ from sotto.policy import Policy
 from sotto.server.admin import AdminConnection
 from sotto.server.auth import admin_credential, device_credential, new_token
 from sotto.server.config import ServerConfig, ServerTls
+from sotto.server.limits import ensure_open_files
 from sotto.server.store import Role, Store, StoreError, open_store, sqlite_path
 from sotto.server.validation import validate_profile_id
 from sotto.v1 import signals_pb2, signals_pb2_grpc
@@ -225,6 +226,15 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "N",
         "100",
         "HTTP/2 streams one connection may have open at once",
+        _number(int, 1),
+    )
+    _option(
+        serve,
+        "--max-connections",
+        "N",
+        "10000",
+        "connections kept open at once, per process; gRPC closes one more as soon as it is accepted "
+        "(the open-file limit is raised to fit)",
         _number(int, 1),
     )
     _option(
@@ -445,6 +455,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         rate_burst=args.rate_burst,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_streams_per_connection=args.max_streams_per_connection,
+        max_connections=args.max_connections,
         unauthenticated_delay_s=args.unauthenticated_delay_seconds,
         request_timeout_s=args.request_timeout_seconds,
         retention_days=args.retention_days,
@@ -524,6 +535,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
     _configure_logging(args)
     try:
+        try:  # before the workers start: they inherit the limit
+            ensure_open_files(args.max_connections)
+        except ValueError as exc:
+            raise ValueError(
+                f"--max-connections {args.max_connections}: {exc}; raise the limit (ulimit -n, or "
+                "LimitNOFILE= in a systemd unit) or lower --max-connections"
+            ) from None
         if args.workers > 1:
             return _serve_workers(args)
         asyncio.run(_run_server(args, _server_config(args)))

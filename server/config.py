@@ -98,6 +98,13 @@ class ServerConfig:
     max_concurrent_rpcs: int = 1000
     #: HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     max_streams_per_connection: int = 100
+    #: Connections the process keeps open at once (gRPC's ``grpc.max_allowed_incoming_connections``): one
+    #: more is closed as soon as it is accepted, before any HTTP/2 or TLS work, so that a flood of
+    #: connections cannot take the file descriptors and memory that the open connections, the store and
+    #: the metrics endpoint need. Per process: ``serve --workers N`` keeps up to N times as many.
+    #: ``sotto-server serve`` raises the open-file limit to fit (``limits.ensure_open_files``); so should
+    #: an embedding, or the limit (often 1,024) stops accepting connections first.
+    max_connections: int = 10_000
     #: Seconds an unauthenticated call waits for its refusal (at most 100 wait at once; see
     #: ``Guard._hold_back``). ``sotto-server serve`` uses 1; 0 answers at once.
     unauthenticated_delay_s: float = 0.0
@@ -123,6 +130,7 @@ class ServerConfig:
             ("rate_burst", self.rate_burst, 1),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs, 1),
             ("max_streams_per_connection", self.max_streams_per_connection, 1),
+            ("max_connections", self.max_connections, 1),
             ("retention_days", self.retention_days, 1),
             ("purge_interval_s", self.purge_interval_s, 0),
             ("unauthenticated_delay_s", self.unauthenticated_delay_s, 0),

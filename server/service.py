@@ -391,6 +391,8 @@ async def create_server(
         ("grpc.so_reuseport", int(config.reuse_port)),
         # One connection cannot open more streams than this; gRPC clients queue the rest.
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Connections beyond this many are closed by gRPC as soon as they are accepted (see ServerConfig).
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
         *PING_POLICY,
         *CONNECTION_POLICY,
     ]

@@ -1,12 +1,14 @@
 """Attacks on a real ``sotto-server serve`` process on loopback (issue 17's server findings), each bounded in
-count and time: stalled streams, bursts, unparseable requests, oversized strings and signals older than the
-retention period. The checks are outcomes (status codes, rows, metrics, log lines), never latencies."""
+count and time: stalled streams, bursts, unparseable requests, oversized strings, connection and ping
+floods, and signals older than the retention period. The checks are outcomes (status codes, rows, metrics,
+log lines, what the server does with a connection), never latencies."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import re
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from aggregator_testkit import (
     PROFILE,
@@ -33,6 +38,7 @@ from sotto.server import open_store
 from sotto.server.config import utc_today
 from sotto.v1 import signals_pb2, signals_pb2_grpc
 from sotto.wire import day_number
+from tools.attack_pings import ping_once
 from tools.harness import read_line
 
 pytestmark = pytest.mark.e2e
@@ -93,7 +99,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``sotto-server serve`` with extra options (metrics on); every server is stopped afterwards."""
     started: list[Server] = []
 
-    def start(*extra: str) -> Server:
+    def start(*extra: str, open_files: int | None = None) -> Server:
+        """``open_files``: the server's soft open-file limit when it starts (as a shell's ``ulimit -n``)."""
         db = tmp_path / f"attack{len(started)}.db"
         log = tmp_path / f"attack{len(started)}.log"
         token = asyncio.run(_token(db))
@@ -114,6 +121,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
+                preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
             )
         listening = re.fullmatch(r"listening on (127\.0\.0\.1:\d+)\n", read_line(proc, 60))
         metrics = re.fullmatch(r"metrics on http://127\.0\.0\.1:(\d+)/metrics\n", read_line(proc, 30))
@@ -126,6 +134,11 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     for server in started:
         if server.proc.poll() is None:
             server.stop()
+
+
+def _limit_open_files(soft: int) -> None:
+    """Set this process's soft open-file limit (in a child, before it runs the server)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 async def _never() -> AsyncIterator[bytes]:
@@ -317,6 +330,127 @@ def test_long_client_strings_are_not_echoed(serve: Callable[..., Server], where:
     assert len(error.details()) < 300
     assert "(20000 characters)" in error.details()
     assert server.refusals("invalid_argument") == 1
+
+
+async def _hold_connection(target: str, wait: float = 10) -> tuple[str, asyncio.StreamWriter]:
+    """Open a TCP connection, send the HTTP/2 preface, SETTINGS and one PING (which the ping policy allows),
+    and keep it open: "answered" when the server replied with its SETTINGS, "closed_unanswered" when it
+    closed the connection without a word, "unanswered" when nothing came within ``wait`` seconds."""
+    host, _, port = target.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.ping(b"12345678")
+    writer.write(conn.data_to_send())
+    try:
+        chunk = await asyncio.wait_for(reader.read(65536), wait)
+    except ConnectionResetError:
+        return "closed_unanswered", writer
+    except TimeoutError:
+        return "unanswered", writer
+    if not chunk:
+        return "closed_unanswered", writer
+    events = conn.receive_data(chunk)
+    assert any(isinstance(event, h2.events.RemoteSettingsChanged) for event in events), events
+    return "answered", writer
+
+
+def test_a_connection_flood_leaves_the_devices_connections_alone(serve: Callable[..., Server]) -> None:
+    """Finding 6: a flood of connections, some held open after a ping, others sending 20 pings each. The
+    process keeps at most --max-connections open: one more is closed as soon as it is accepted, before any
+    HTTP/2 work, while a device's established connection keeps ingesting and answering health checks. Once
+    the held connections go, new ones are accepted again, and a connection pinging without calls gets
+    GOAWAY ENHANCE_YOUR_CALM (gRPC's ping policy)."""
+    cap = 30
+    server = serve("--max-connections", str(cap))
+    host, _, port = server.target.rpartition(":")
+
+    async def scenario() -> tuple[
+        collections.Counter[str], collections.Counter[str], list[int], collections.Counter[str], int
+    ]:
+        async with grpc.aio.insecure_channel(server.target) as device:
+            stub = signals_pb2_grpc.SignalAggregatorStub(device)
+            # The device's connection is open before the flood (it counts against the cap too).
+            await stub.Ingest(make_batch(base_day=_today()), timeout=10, metadata=bearer(server.token))
+            held = [await _hold_connection(server.target) for _ in range(3 * cap)]
+            while_full = collections.Counter(
+                await asyncio.gather(*(ping_once(host, int(port), 20, 10) for _ in range(50)))
+            )
+            applied = []
+            for _ in range(3):
+                reply = await stub.Ingest(
+                    make_batch(base_day=_today()), timeout=10, metadata=bearer(server.token)
+                )
+                applied.append(reply.applied_signals)
+                applied.append(await _health(device))
+            for _, writer in held:
+                writer.close()
+            await asyncio.sleep(1)  # the server notices the closed connections and releases their places
+            after = collections.Counter(
+                await asyncio.gather(*(ping_once(host, int(port), 20, 10) for _ in range(20)))
+            )
+            async with grpc.aio.insecure_channel(server.target, options=OWN_CONNECTION) as later:
+                status = await _health(later)
+            return collections.Counter(outcome for outcome, _ in held), while_full, applied, after, status
+
+    held, while_full, applied, after, status = asyncio.run(scenario())
+    assert held == {"answered": cap - 1, "closed_unanswered": 2 * cap + 1}, held
+    assert while_full == {"closed_unanswered": 50}, while_full
+    assert applied == [2, health_pb2.HealthCheckResponse.SERVING] * 3
+    assert after == {"goaway_ENHANCE_YOUR_CALM": 20}, after
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert "Traceback" not in server.stop()
+
+
+@pytest.fixture
+def many_open_files() -> Iterator[None]:
+    """Room for this test process to hold a couple of thousand sockets (a soft limit of 1,024 is common)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))  # root may raise the hard limit (CI)
+    elif soft != resource.RLIM_INFINITY and soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    yield
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (soft, max(hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    )
+
+
+def test_held_connections_do_not_exhaust_a_default_open_file_limit(
+    serve: Callable[..., Server], many_open_files: None
+) -> None:
+    """Finding 6, the connections a flood leaves open: started with a soft open-file limit of 1,024 (Debian's
+    default), a server that lets 1,100 connections exhaust it accepts nothing more, and a device connecting
+    anew is locked out. The server raises its own limit to fit --max-connections (10,000 by default), so it
+    answers all 1,100 and the device's new connection ingests."""
+    server = serve(open_files=1024)
+
+    async def scenario() -> tuple[collections.Counter[str], str]:
+        gate = asyncio.Semaphore(100)
+
+        async def hold() -> tuple[str, asyncio.StreamWriter]:
+            async with gate:
+                return await _hold_connection(server.target, wait=3)
+
+        held = await asyncio.gather(*(hold() for _ in range(1100)))
+        try:
+            async with grpc.aio.insecure_channel(server.target, options=OWN_CONNECTION) as device:
+                stub = signals_pb2_grpc.SignalAggregatorStub(device)
+                try:
+                    await stub.Ingest(
+                        make_batch(base_day=_today()), timeout=10, metadata=bearer(server.token)
+                    )
+                    outcome = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    outcome = exc.code().name
+        finally:
+            for _, writer in held:
+                writer.close()
+        return collections.Counter(answer for answer, _ in held), outcome
+
+    held, outcome = asyncio.run(scenario())
+    assert held == {"answered": 1100}, held
+    assert outcome == "OK"
 
 
 def test_signals_older_than_the_retention_period_are_not_stored(serve: Callable[..., Server]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from aggregator_testkit import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sotto.server import ServerConfig, Store, create_server, open_store
-from sotto.server.limits import RateLimiter
+from sotto.server.limits import RESERVED_FILES, RateLimiter
 from sotto.server.service import SERVICE_NAME, AggregatorServer
 from sotto.server.store import ApplyResult, Batch, StoreUnavailableError
 from sotto.v1 import signals_pb2, signals_pb2_grpc
@@ -115,6 +117,44 @@ def test_token_bucket_refills_at_the_configured_rate() -> None:
     assert limiter.acquire("a") == pytest.approx(0.5)
     now[0] += 100
     assert [limiter.acquire("a"), limiter.acquire("a"), limiter.acquire("a") > 0] == [0.0, 0.0, True]
+
+
+_RAISE_OPEN_FILES = """
+import resource, sys
+from sotto.server.limits import RESERVED_FILES, ensure_open_files
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+print(ensure_open_files(1000) == 1000 + RESERVED_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+print(ensure_open_files(10) == 1000 + RESERVED_FILES)  # never lowered
+"""
+
+
+def test_the_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
+    """In a process of its own (the limit is the process's): a soft limit of 512 is raised for 1,000
+    connections and the reserve, and never lowered."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _RAISE_OPEN_FILES], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["True", str(1000 + RESERVED_FILES), "True"]
+
+
+def test_serve_refuses_a_connection_cap_beyond_the_open_file_limit(tmp_path: Path) -> None:
+    """A cap the kernel cannot give file descriptors for (fs.nr_open is far below 10^9) is a usage error
+    naming the limit and both ways out, before anything is bound."""
+    ran = subprocess.run(
+        [sys.executable, "-m", "sotto.server", "serve", "--db", f"sqlite:///{tmp_path / 's.db'}"]
+        + ["--listen", "127.0.0.1:0", "--max-connections", "1000000000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert "--max-connections 1000000000" in ran.stderr
+    assert "open-file limit" in ran.stderr and "ulimit -n" in ran.stderr
+    assert ran.stdout == ""
+    with pytest.raises(ValueError, match="max_connections must be at least 1"):
+        ServerConfig(max_connections=0)
 
 
 def test_concurrent_call_limit(config: ServerConfig, db_path: Path) -> None:
