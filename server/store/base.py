@@ -31,9 +31,17 @@ class StoreUnavailableError(StoreError):
 class BatchConflictError(StoreError):
     """A batch id was reused with different content."""
 
+    def __init__(self, message: str = "batch id reused with different content") -> None:
+        super().__init__(message)
+
 
 class MinorProfileError(StoreError):
     """The batch's profile is marked as a minor and the policy forbids storing its signals."""
+
+    def __init__(
+        self, message: str = "this profile is marked as a minor: no interest signals are accepted"
+    ) -> None:
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
