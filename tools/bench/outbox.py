@@ -1,6 +1,6 @@
 """Measure the device outbox: the cost of a durable add, and the disk it takes when full.
 
-    python -m tools.bench_outbox            # prints JSON; the README's outbox figures come from here
+    python -m tools.bench outbox            # prints JSON; the README's outbox figures come from here
 
 A durable add is one SQLite transaction with a rollback journal and synchronous=FULL (the journal and
 the database synced, the journal deleted); the full outbox is the default bound (1,000 batches of 20
@@ -21,8 +21,6 @@ from sotto.edge.outbox import Outbox, OutboxLimits
 from sotto.edge.privacy import Interest
 from sotto.wire import day_number
 
-ROOT = Path(__file__).resolve().parents[1]
-
 CATEGORIES = ["338", "324", "425", "424", "275", "551", "632"]
 
 
@@ -32,7 +30,9 @@ def _disk(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.bench outbox",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--adds", type=int, default=200, help="durable adds to time (default: 200)")
     args = parser.parse_args(argv)
