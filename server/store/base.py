@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from sotto.server import decay
+from sotto.wire import Signal
 
 
 class StoreError(Exception):
@@ -42,15 +43,6 @@ class MinorProfileError(StoreError):
         self, message: str = "this profile is marked as a minor: no interest signals are accepted"
     ) -> None:
         super().__init__(message)
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    """One validated signal: a category, a weight level (1-4) and the day it was observed."""
-
-    category_id: str
-    weight_level: int
-    day: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,10 +30,9 @@ from typing import Any
 
 import grpc
 
-from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.policy import Policy
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 
 INGEST = "/sotto.v1.SignalAggregator/Ingest"
 BATCH_ID_BYTES = 16
@@ -47,7 +46,7 @@ def batch_template(profile_id: str, size: int, rng: random.Random, policy: Polic
     """
     today = day_number(dt.datetime.now(dt.UTC).date())
     interests = [
-        Interest(rng.choice(sorted(policy.interest_ids)), rng.randint(1, 4), today - rng.choice((0, 0, 0, 1)))
+        Signal(rng.choice(sorted(policy.interest_ids)), rng.randint(1, 4), today - rng.choice((0, 0, 0, 1)))
         for _ in range(size)
     ]
     marker = b"\x00" * BATCH_ID_BYTES

@@ -157,6 +157,14 @@ def _number(document: dict[str, Any], key: str, where: str, minimum: float = 0.0
     return value
 
 
+def _rows(document: dict[str, Any], key: str, where: str) -> list[tuple[str, Any]]:
+    """The rows of the non-empty list ``document[key]``, each with where it is (for messages)."""
+    rows = _require(document, key, list, where)
+    if not rows:
+        raise ResultError(f"{where}.{key}: empty")
+    return [(f"{where}.{key}[{n}]", row) for n, row in enumerate(rows)]
+
+
 def _stats(document: dict[str, Any], key: str, where: str) -> None:
     stats = _require(document, key, dict, where)
     for name in ("p50", "p95", "mean"):
@@ -188,11 +196,7 @@ def validate_result(document: dict[str, Any]) -> None:
         _number(target, "value", f"result.targets[{n}]")
     where = f"result.results ({name})"
     if name == "edge-latency":
-        rows = _require(results, "utterances", list, where)
-        if not rows:
-            raise ResultError(f"{where}.utterances: empty")
-        for n, row in enumerate(rows):
-            at = f"{where}.utterances[{n}]"
+        for at, row in _rows(results, "utterances", where):
             _require(row, "label", str, at)
             _number(row, "audio_s", at)
             _stats(row, "total_ms", at)
@@ -206,19 +210,11 @@ def validate_result(document: dict[str, Any]) -> None:
         for key in ("peak_rss_mb", "rss_after_load_mb", "model_load_s", "queries"):
             _number(results, key, where)
     elif name == "wire-size":
-        rows = _require(results, "batches", list, where)
-        if not rows:
-            raise ResultError(f"{where}.batches: empty")
-        for n, row in enumerate(rows):
-            at = f"{where}.batches[{n}]"
+        for at, row in _rows(results, "batches", where):
             for key in ("signals", "protobuf_bytes", "grpc_frame_bytes", "json_bytes", "bytes_per_signal"):
                 _number(row, key, at, 1e-9)
     elif name == "aggregator":
-        runs = _require(results, "runs", list, where)
-        if not runs:
-            raise ResultError(f"{where}.runs: empty")
-        for n, run in enumerate(runs):
-            at = f"{where}.runs[{n}]"
+        for at, run in _rows(results, "runs", where):
             if _require(run, "store", str, at) not in ("sqlite", "postgresql"):
                 raise ResultError(f"{at}.store: expected sqlite or postgresql")
             if _require(run, "mode", str, at) not in ("open", "closed"):
@@ -233,11 +229,7 @@ def validate_result(document: dict[str, Any]) -> None:
         except ValueError as exc:
             raise ResultError(f"{where}.{exc}") from None
     elif name == "side-by-side":
-        rows = _require(results, "variants", list, where)
-        if not rows:
-            raise ResultError(f"{where}.variants: empty")
-        for n, row in enumerate(rows):
-            at = f"{where}.variants[{n}]"
+        for at, row in _rows(results, "variants", where):
             _require(row, "name", str, at)
             _require(row, "setting", str, at)
             _stats(row, "total_ms", at)

@@ -9,10 +9,9 @@ import random
 import statistics
 from typing import Any
 
-from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.policy import Policy
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 from tools.bench.speech import PROFILE_ID
 
 #: gRPC puts a 5-byte prefix (compressed flag, 4-byte length) in front of every message.
@@ -23,7 +22,7 @@ def wire_batch(size: int, rng: random.Random, policy: Policy, today: int) -> tup
     """A batch of ``size`` realistic signals as protobuf and as compact JSON with the same content."""
     ids = sorted(policy.interest_ids)
     interests = [
-        Interest(rng.choice(ids), rng.randint(1, 4), today - (rng.randint(1, 3) if rng.random() < 0.1 else 0))
+        Signal(rng.choice(ids), rng.randint(1, 4), today - (rng.randint(1, 3) if rng.random() < 0.1 else 0))
         for _ in range(size)
     ]
     batch = encode_batch(PROFILE_ID, "US", interests)
