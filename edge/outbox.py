@@ -414,7 +414,7 @@ class Outbox:
             for row in salvage.ledger:
                 conn.execute(
                     "INSERT OR IGNORE INTO ledger (batch_id, position, category_id, weight_level, day, "
-                    "sent_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "sent_at, epsilon_milli) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
             state.pop(STATE_DIGEST_KEY, None)
@@ -960,10 +960,17 @@ def _salvage(path: Path) -> _Salvage:
         # before reading anything; writable_schema lets it read the pages that are there (nothing is
         # written: this is the moved-aside copy, only read).
         conn.execute("PRAGMA writable_schema = ON")
+        # The ledger's epsilon says which sent signals were noised; a schema-1 ledger has no such column
+        # (preparing the statement reads only the schema, not the damaged pages).
+        epsilon = "epsilon_milli"
+        try:
+            conn.execute("SELECT epsilon_milli FROM ledger LIMIT 0")
+        except _DB_ERRORS:
+            epsilon = "NULL"
         tables: dict[str, str] = {
             "signals": "region, category_id, weight_level, day, epsilon_milli, created_at",
             "batches": "batch_id, payload, created_at",
-            "ledger": "batch_id, position, category_id, weight_level, day, sent_at",
+            "ledger": f"batch_id, position, category_id, weight_level, day, sent_at, {epsilon}",
         }
         for table, columns in tables.items():
             try:
@@ -1048,9 +1055,10 @@ def _valid(table: str, row: tuple[object, ...]) -> bool:
             return False
         return message.batch_id == batch_id and len(message.signals) > 0 and isinstance(created, float | int)
     if table == "ledger":
-        batch_id, position, cid, level, day, sent_at = row
+        batch_id, position, cid, level, day, sent_at, epsilon_milli = row
         return (
-            isinstance(batch_id, bytes)
+            (epsilon_milli is None or isinstance(epsilon_milli, int))
+            and isinstance(batch_id, bytes)
             and isinstance(position, int)
             and isinstance(cid, str)
             and isinstance(level, int)
