@@ -37,6 +37,7 @@ DROP_REASON_TEXT = {
     "minor": "the wearer is marked as a minor",
     "no_speech": "no speech was recognised",
     "no_interest": "nothing in it was about a product or service",
+    "too_long": "it was longer than 30 seconds: a recording, not a question, so it was not even transcribed",
 }
 
 #: Ways a signal left the outbox without reaching the aggregator (outbox counter, wearer's words).

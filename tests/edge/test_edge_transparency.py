@@ -82,7 +82,7 @@ def test_a_device_page_shows_what_left_what_never_left_and_the_controls(
 
 def test_every_string_on_the_page_is_escaped(tmp_path: Path) -> None:
     """A hostile category name (from a taxonomy file) and a hostile id (from the database) show as text."""
-    taxonomy = Taxonomy({"666": Category("666", HOSTILE, None, HOSTILE, "666")})
+    taxonomy = Taxonomy({"666": Category("666", HOSTILE, None, HOSTILE)})
     with Outbox(tmp_path / "outbox.db") as box:
         box.add("US", [Signal("666", 4, day_number(TODAY)), Signal(MUSIC, 2, day_number(TODAY))])
         box.seal(PROFILE, batch_size=2)
