@@ -871,6 +871,8 @@ def _integrity_problem(path: Path) -> str | None:
             if rows != ["ok"]:
                 return rows[0] if rows else "integrity_check returned nothing"
             (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version < 0:  # no version ever written is negative: the header itself is damaged
+                return f"schema version {version} in the file header"
             if version == SCHEMA_VERSION:
                 return _schema_problem(conn)
             if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:

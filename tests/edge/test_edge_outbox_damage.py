@@ -105,6 +105,20 @@ def test_an_intact_state_survives_recovery_of_other_damage(tmp_path: Path) -> No
 # --- 10: salvage keeps the ledger and the counters; a lost side file loses nothing stored ------------
 
 
+def test_a_negative_schema_version_in_the_header_is_recovered_with_the_opt_out(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        box.add("US", [Signal(MUSIC, 2, DAY)])
+        box.set_state("opted_out", "1")
+    with path.open("r+b") as f:
+        f.seek(60)  # the header's user_version, big-endian: its top bit makes it negative
+        f.write(b"\x80")
+    with Outbox(path) as box:
+        assert box.recovery is not None
+        assert box.get_state("opted_out") == "1"
+        assert_outbox_balanced(box)
+
+
 def test_salvage_keeps_the_ledger_and_the_counters(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
