@@ -3,7 +3,7 @@
     from sotto.edge import Device
     device = Device("profile-id-1234", "US", target="aggregator:50051", token=token, outbox="outbox.db")
     result = device.hear_text("where can i buy trail running shoes")   # or device.hear(audio)
-    result.signals   # [Interest(category_id='551', weight_level=3, day=20414)]: stored, sent when due
+    result.signals   # [Signal(category_id='551', weight_level=3, day=20414)]: stored, sent when due
 
 ``Device`` wires the lower-level parts (``EdgeModels``, ``Pipeline``, ``LocalPrivacy``,
 ``DeliveryClient``, ``Outbox``), which stay public.
@@ -20,16 +20,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sotto.edge.asr import AsrOptions
     from sotto.edge.audio import Audio, PcmStream, load_audio
-    from sotto.edge.client import DeletionStatus, DeliveryClient, TlsOptions
-    from sotto.edge.device import DeliveryOptions, Device
+    from sotto.edge.client import DeletionStatus, DeliveryClient, DeliveryOptions, TlsOptions
+    from sotto.edge.device import Device
     from sotto.edge.ldp import LdpOptions, LocalPrivacy
     from sotto.edge.outbox import Outbox, OutboxLimits
     from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
-    from sotto.edge.privacy import Dropped, FilterOptions, Interest
+    from sotto.edge.privacy import Dropped, FilterOptions
     from sotto.edge.signals import encode_batch
     from sotto.edge.stream import UtteranceStream, analyze_pcm
     from sotto.edge.vad import SpeechGateOptions
     from sotto.policy import Policy
+    from sotto.wire import Signal
 
 _EXPORTS = {
     "Analysis": "sotto.edge.pipeline",
@@ -37,13 +38,13 @@ _EXPORTS = {
     "Audio": "sotto.edge.audio",
     "DeletionStatus": "sotto.edge.client",
     "DeliveryClient": "sotto.edge.client",
-    "DeliveryOptions": "sotto.edge.device",
+    "DeliveryOptions": "sotto.edge.client",
     "Device": "sotto.edge.device",
     "Dropped": "sotto.edge.privacy",
     "EdgeConfig": "sotto.edge.pipeline",
     "EdgeModels": "sotto.edge.pipeline",
     "FilterOptions": "sotto.edge.privacy",
-    "Interest": "sotto.edge.privacy",
+    "Signal": "sotto.wire",
     "LdpOptions": "sotto.edge.ldp",
     "LocalPrivacy": "sotto.edge.ldp",
     "Outbox": "sotto.edge.outbox",
@@ -71,7 +72,7 @@ __all__ = [
     "EdgeConfig",
     "EdgeModels",
     "FilterOptions",
-    "Interest",
+    "Signal",
     "LdpOptions",
     "LocalPrivacy",
     "Outbox",

@@ -64,9 +64,8 @@ from pathlib import Path
 import grpc
 
 from sotto.edge.outbox import Outbox, OutboxStats, StoredBatch
-from sotto.edge.privacy import Interest
 from sotto.v1 import signals_pb2, signals_pb2_grpc
-from sotto.wire import canonical_region, check_profile_id
+from sotto.wire import Signal, canonical_region, check_profile_id
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +217,23 @@ class DeliveryStats:
     latencies_ms: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryOptions:
+    """When and how batches are sent: ``DeliveryClient``'s parameters of that name (see there for each);
+    these defaults are the client's."""
+
+    batch_size: int = 20
+    max_delay_s: float = 300.0
+    timeout_s: float = 5.0
+    max_attempts: int = 4
+    backoff_s: float = 0.2
+    max_backoff_s: float = 900.0
+
+
+#: The defaults of ``DeliveryClient``'s parameters.
+_DEFAULTS = DeliveryOptions()
+
+
 class DeliveryClient:
     """Stores one device's signals in its outbox and sends them in batches with a deadline.
 
@@ -234,15 +250,15 @@ class DeliveryClient:
         region: str,
         target: str | None = None,
         channel: grpc.Channel | None = None,
-        batch_size: int = 20,
-        timeout_s: float = 5.0,
-        max_attempts: int = 4,
-        backoff_s: float = 0.2,
+        batch_size: int = _DEFAULTS.batch_size,
+        timeout_s: float = _DEFAULTS.timeout_s,
+        max_attempts: int = _DEFAULTS.max_attempts,
+        backoff_s: float = _DEFAULTS.backoff_s,
         token: str | None = None,
         tls: TlsOptions | None = None,
         outbox: Outbox | str | os.PathLike[str] | None = None,
-        max_delay_s: float = 300.0,
-        max_backoff_s: float = 900.0,
+        max_delay_s: float = _DEFAULTS.max_delay_s,
+        max_backoff_s: float = _DEFAULTS.max_backoff_s,
     ) -> None:
         # Checked before anything is opened: a malformed id or region would be stored with every signal
         # and refused by the aggregator with every batch.
@@ -288,7 +304,7 @@ class DeliveryClient:
 
     # --- queueing ------------------------------------------------------------------------------------
 
-    def add(self, interests: Iterable[Interest]) -> int:
+    def add(self, interests: Iterable[Signal]) -> int:
         """Store signals durably in the outbox (on disk when this returns); full batches are sealed now.
 
         Returns how many were stored: none while the wearer is opted out or a deletion is pending.

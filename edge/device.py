@@ -20,14 +20,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 
 import grpc
 
 from sotto.edge.audio import Audio
-from sotto.edge.client import DeletionState, DeletionStatus, DeliveryClient, TlsOptions, deletion_state
+from sotto.edge.client import (
+    DeletionState,
+    DeletionStatus,
+    DeliveryClient,
+    DeliveryOptions,
+    TlsOptions,
+    deletion_state,
+)
 from sotto.edge.ldp import LdpOptions, LocalPrivacy
 from sotto.edge.outbox import LedgerEntry, Outbox, OutboxLimits
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
@@ -39,18 +46,6 @@ log = logging.getLogger(__name__)
 
 #: State key of the minor mark in the outbox.
 _MINOR = MINOR_STATE_KEY
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryOptions:
-    """When and how batches are sent (see ``DeliveryClient`` for each)."""
-
-    batch_size: int = 20
-    max_delay_s: float = 300.0
-    timeout_s: float = 5.0
-    max_attempts: int = 4
-    backoff_s: float = 0.2
-    max_backoff_s: float = 900.0
 
 
 class Device:
@@ -106,12 +101,7 @@ class Device:
                 token=token,
                 tls=tls,
                 outbox=self.outbox,
-                batch_size=options.batch_size,
-                max_delay_s=options.max_delay_s,
-                timeout_s=options.timeout_s,
-                max_attempts=options.max_attempts,
-                backoff_s=options.backoff_s,
-                max_backoff_s=options.max_backoff_s,
+                **asdict(options),
             )
         except BaseException:
             self.outbox.close()

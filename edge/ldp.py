@@ -33,7 +33,7 @@ from sotto.ldp_math import grr_probabilities
 from sotto.wire import MAX_WEIGHT_LEVEL, epsilon_milli
 
 if TYPE_CHECKING:
-    from sotto.edge.privacy import Interest
+    from sotto.wire import Signal
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ class LocalPrivacy:
         self.mechanism = RandomizedResponse(categories, self.options.epsilon, rng)
         self.budget = DailyBudget(self.options.daily_budget, budget)
 
-    def privatize(self, signals: Sequence[Interest]) -> tuple[list[Interest], int]:
+    def privatize(self, signals: Sequence[Signal]) -> tuple[list[Signal], int]:
         """The signals to send for ``signals`` (which passed the filter) and how many were withheld
         because the day's budget is spent. Nothing is created: at most one output per input."""
-        sent: list[Interest] = []
+        sent: list[Signal] = []
         withheld = 0
         for signal in signals:
             if not self.budget.take(signal.day):

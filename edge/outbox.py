@@ -25,7 +25,7 @@ verified at open (the digest is missing or wrong after a recovery, or wrong in a
 integrity check) fails closed: the device is marked opted out and as a minor, today's privacy budget
 counts as spent, and ``state_lost`` records when; the wearer's explicit choice lifts each again.
 
-Only :class:`~edge.privacy.Interest` values (category id, weight level, day) are stored: there is no
+Only :class:`~sotto.wire.Signal` values (category id, weight level, day) are stored: there is no
 column a transcript or audio could go into. Deleted rows are overwritten (``secure_delete``) and freed
 pages are returned to the file system (``auto_vacuum=INCREMENTAL``), so an opt-out leaves nothing behind and
 the file stays small.
@@ -59,10 +59,10 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from sotto.edge.privacy import DROP_REASONS, Interest
+from sotto.edge.privacy import DROP_REASONS
 from sotto.edge.signals import encode_batch
 from sotto.v1 import signals_pb2
-from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, day_number, epsilon_milli
+from sotto.wire import EPSILON_SCALE, MAX_DAY_OFFSET, MAX_EPSILON, Signal, day_number, epsilon_milli
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class LedgerEntry:
 
     @property
     def weight(self) -> float:
-        return Interest(self.category_id, self.weight_level, self.day).weight
+        return Signal(self.category_id, self.weight_level, self.day).weight
 
     @property
     def date(self) -> dt.date:
@@ -509,6 +509,15 @@ class Outbox:
             self._conn.execute("COMMIT")
 
     @staticmethod
+    def _take_queued(conn: sqlite3.Connection, batch_id: bytes) -> tuple[bytes, int] | None:
+        """Remove a queued batch in the caller's transaction: its payload and signal count, or None when
+        it is no longer queued (purged or dropped meanwhile)."""
+        row = conn.execute("SELECT payload, signals FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+        return None if row is None else (row[0], row[1])
+
+    @staticmethod
     def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:
         if by:
             conn.execute(
@@ -519,7 +528,7 @@ class Outbox:
 
     # --- the queue -------------------------------------------------------------------------------------
 
-    def add(self, region: str, interests: Iterable[Interest]) -> int:
+    def add(self, region: str, interests: Iterable[Signal]) -> int:
         """Store signals durably (committed and synced when this returns); returns how many."""
         now = self._clock()
         rows = [
@@ -604,10 +613,7 @@ class Outbox:
                 message = encode_batch(
                     profile_id,
                     chunk[0][1],
-                    [
-                        Interest(r[2], r[3], r[4], epsilon=r[6] / EPSILON_SCALE if r[6] else None)
-                        for r in chunk
-                    ],
+                    [Signal(r[2], r[3], r[4], epsilon=r[6] / EPSILON_SCALE if r[6] else None) for r in chunk],
                 )
                 conn.execute(
                     "INSERT INTO batches (batch_id, payload, signals, created_at) VALUES (?, ?, ?, ?)",
@@ -648,9 +654,7 @@ class Outbox:
         """
         now = self._clock()
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT payload, signals FROM batches WHERE batch_id = ?", (batch_id,)
-            ).fetchone()
+            row = self._take_queued(conn, batch_id)
             if row is None:
                 return False
             message = signals_pb2.SignalBatch.FromString(row[0])
@@ -670,7 +674,6 @@ class Outbox:
                     for i, s in enumerate(message.signals)
                 ],
             )
-            conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
             self._bump(conn, "batches_acknowledged", 1)
             self._bump(conn, "signals_acknowledged", row[1])
             self._forget_old_ledger(conn, now)
@@ -682,9 +685,7 @@ class Outbox:
         inspection (bounded), count it. Returns False when the batch is no longer queued."""
         now = self._clock()
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT payload, signals FROM batches WHERE batch_id = ?", (batch_id,)
-            ).fetchone()
+            row = self._take_queued(conn, batch_id)
             if row is None:
                 return False
             conn.execute(
@@ -692,7 +693,6 @@ class Outbox:
                 "VALUES (?, ?, ?, ?, ?)",
                 (batch_id, row[0], row[1], code, now),
             )
-            conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
             self._bump(conn, "batches_set_aside", 1)
             self._bump(conn, "signals_set_aside", row[1])
             self._bump(conn, f"set_aside_{code}", 1)
@@ -1016,7 +1016,7 @@ def _row_problem(profile_id: str, row: tuple[object, ...]) -> str | None:
         if not (isinstance(day, int) and isinstance(milli, int)):
             raise ValueError("a field has the wrong type")
         encode_batch(
-            profile_id, region, [Interest(cid, level, day, epsilon=milli / EPSILON_SCALE if milli else None)]
+            profile_id, region, [Signal(cid, level, day, epsilon=milli / EPSILON_SCALE if milli else None)]
         )
     except (ValueError, TypeError) as exc:
         return str(exc)

@@ -19,11 +19,11 @@ from sotto.edge.audio import Audio, load_audio, probe_duration
 from sotto.edge.classifier import TextClassifier
 from sotto.edge.gazetteer import Gazetteer
 from sotto.edge.ldp import LocalPrivacy
-from sotto.edge.privacy import Dropped, FilterOptions, Interest, PrivacyFilter
+from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
 from sotto.edge.text import readings
 from sotto.edge.vad import SpeechGate, SpeechGateOptions
 from sotto.policy import Policy, models_dir
-from sotto.wire import canonical_region
+from sotto.wire import Signal, canonical_region
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +44,18 @@ class Analysis:
 
     input: str
     transcript: str | None
-    signals: list[Interest]
+    signals: list[Signal]
     dropped: Dropped | None
     #: Milliseconds spent per stage (audio, vad, asr, classify, filter).
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: With local differential privacy on: the signals after the daily budget and randomized response
     #: (None when it is off, and then ``signals`` are sent as they are).
-    noised: list[Interest] | None = None
+    noised: list[Signal] | None = None
     #: Signals the daily privacy budget held back.
     withheld: int = 0
 
     @property
-    def outgoing(self) -> list[Interest]:
+    def outgoing(self) -> list[Signal]:
         """What may be handed to the delivery client: the noised signals when LDP is on."""
         return self.signals if self.noised is None else self.noised
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sotto.edge.classifier import ClassifierOutput
 from sotto.edge.gazetteer import Gazetteer
 from sotto.policy import Policy
-from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, day_number, weight
+from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, Signal, day_number
 
 DROP_REASONS = ("sensitive", "region", "opt_out", "minor", "no_speech", "no_interest", "too_long")
 
@@ -43,24 +43,6 @@ class Dropped:
 
     reason: str
     detail: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Interest:
-    """A signal that passed the filter: category, coarse weight and day.
-
-    ``epsilon`` is set on a signal that went through randomized response (``edge.ldp``); the batch
-    declares it, so the aggregator can de-bias counts.
-    """
-
-    category_id: str
-    weight_level: int
-    day: int
-    epsilon: float | None = None
-
-    @property
-    def weight(self) -> float:
-        return weight(self.weight_level)
 
 
 def weight_level(probability: float) -> int:
@@ -114,13 +96,13 @@ class PrivacyFilter:
                 return Dropped("minor", f"the wearer is marked as a minor ({rule.note})")
         return None
 
-    def select_interests(self, output: ClassifierOutput, day: int) -> list[Interest]:
+    def select_interests(self, output: ClassifierOutput, day: int) -> list[Signal]:
         """The signals an utterance yields if it is not sensitive: none unless it is commercial, then the
         leading categories, weighted by their share of the interest probability mass."""
         if output.no_interest >= self.options.max_no_interest:
             return []
         mass = 1.0 - output.no_interest
-        signals: list[Interest] = []
+        signals: list[Signal] = []
         for cid, prob in output.interests:
             share = prob / mass
             if share < self.options.min_share or len(signals) >= self.options.max_signals:
@@ -128,12 +110,12 @@ class PrivacyFilter:
             # Belt and braces: the model's label set is checked at build time, and checked again here.
             if cid not in self.policy.interest_ids or cid in self.policy.sensitive:
                 continue
-            signals.append(Interest(cid, weight_level(share), day))
+            signals.append(Signal(cid, weight_level(share), day))
         return signals
 
     def decide(
         self, output: ClassifierOutput, today: dt.date, text: str | None = None
-    ) -> list[Interest] | Dropped:
+    ) -> list[Signal] | Dropped:
         """Signals for one classified utterance, or why there are none. ``text`` is the transcript the
         output came from; the gazetteer needs it (and refuses to decide without it)."""
         if output.sensitive >= self.sensitive_threshold:

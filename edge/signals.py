@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from sotto.edge.privacy import Interest
 from sotto.v1 import signals_pb2
 from sotto.wire import (
     MAX_DAY_OFFSET,
     PROFILE_ID_PATTERN,
     TAXONOMY_VERSION,
     WEIGHT_LEVELS,
+    Signal,
     assigned_regions,
     epsilon_milli,
 )
@@ -27,7 +27,7 @@ def new_batch_id() -> bytes:
 
 
 def encode_batch(
-    profile_id: str, region: str, interests: Sequence[Interest], batch_id: bytes | None = None
+    profile_id: str, region: str, interests: Sequence[Signal], batch_id: bytes | None = None
 ) -> signals_pb2.SignalBatch:
     """Build one SignalBatch; raises ValueError on a malformed profile id, region, weight or day.
 

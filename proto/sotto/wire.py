@@ -13,6 +13,7 @@ import importlib.resources
 import io
 import math
 import re
+from dataclasses import dataclass
 
 __all__ = [
     "EPOCH",
@@ -23,6 +24,7 @@ __all__ = [
     "PROFILE_ID_PATTERN",
     "REGION_ALIASES",
     "REGION_PATTERN",
+    "Signal",
     "TAXONOMY_VERSION",
     "WEIGHT_LEVELS",
     "assigned_regions",
@@ -122,6 +124,26 @@ def weight(level: int) -> float:
     if level not in WEIGHT_LEVELS:
         raise ValueError(f"weight level must be one of {WEIGHT_LEVELS}, got {level}")
     return level / MAX_WEIGHT_LEVEL
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One interest signal, as the device keeps and sends it and the aggregator stores it: a category, a
+    coarse weight level (``WEIGHT_LEVELS``) and the day it was observed (``day_number``).
+
+    ``epsilon`` is set on the device for a signal that went through randomized response (``edge.ldp``);
+    the batch declares it (``SignalBatch.ldp_epsilon_milli``), so the aggregator can de-bias counts.
+    """
+
+    category_id: str
+    weight_level: int
+    day: int
+    epsilon: float | None = None
+
+    @property
+    def weight(self) -> float:
+        """The weight the level stands for (``weight``)."""
+        return weight(self.weight_level)
 
 
 def epsilon_milli(epsilon: float) -> int:

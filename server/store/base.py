@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from sotto.server import decay
+from sotto.wire import Signal
 
 
 class StoreError(Exception):
@@ -31,18 +32,17 @@ class StoreUnavailableError(StoreError):
 class BatchConflictError(StoreError):
     """A batch id was reused with different content."""
 
+    def __init__(self, message: str = "batch id reused with different content") -> None:
+        super().__init__(message)
+
 
 class MinorProfileError(StoreError):
     """The batch's profile is marked as a minor and the policy forbids storing its signals."""
 
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    """One validated signal: a category, a weight level (1-4) and the day it was observed."""
-
-    category_id: str
-    weight_level: int
-    day: int
+    def __init__(
+        self, message: str = "this profile is marked as a minor: no interest signals are accepted"
+    ) -> None:
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from sotto.server.store import postgres
+from sotto.server.store import common, postgres
 from sotto.server.store.base import (
     ApplyResult,
     Batch,
@@ -66,18 +66,18 @@ _SEARCH_PATH = re.compile(r"-c\s*search_path=([a-z_][a-z0-9_]*)")
 #: The proxy database's own tables: the credentials (see the module doc) and the paused partitions.
 PROXY_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
-        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TABLE credentials (
-            token_sha256 BYTEA PRIMARY KEY,
-            role TEXT NOT NULL CHECK (role IN ('device', 'admin')),
-            profile_id TEXT CHECK ((role = 'admin') = (profile_id IS NULL))
-        )""",
-        "CREATE INDEX credentials_by_profile ON credentials (profile_id)",
+        common.SCHEMA_VERSION_TABLE,
+        common.meta_table(common.POSTGRES),
+        *common.credentials_table(common.POSTGRES),
         # A row pauses partition `part` of a cluster of `partitions`: its calls answer UNAVAILABLE.
         "CREATE TABLE paused_partitions (part INTEGER PRIMARY KEY, partitions INTEGER NOT NULL)",
     ),
 )
+
+
+def _sql_array(names: tuple[str, ...]) -> str:
+    return "ARRAY[" + ", ".join(f"'{name}'" for name in names) + "]"
+
 
 #: The partition's functions. Tables are found through the connection's search_path (the partition's
 #: schema), so one text serves every partition.
@@ -141,12 +141,11 @@ _PARTITION_FUNCTIONS = (
         END LOOP;
         RETURN removed;
     END $$""",
-    """CREATE OR REPLACE FUNCTION sotto_delete_profile(i_profile_id text) RETURNS bigint
+    f"""CREATE OR REPLACE FUNCTION sotto_delete_profile(i_profile_id text) RETURNS bigint
     LANGUAGE sql AS $$
-        SELECT sotto_erase(
-            i_profile_id, ARRAY['profiles', 'scores', 'signal_counts', 'batches', 'credentials'])
+        SELECT sotto_erase(i_profile_id, {_sql_array(common.PROFILE_TABLES)})
     $$""",
-    """CREATE OR REPLACE FUNCTION sotto_mark_minor(i_profile_id text, i_minor boolean) RETURNS bigint
+    f"""CREATE OR REPLACE FUNCTION sotto_mark_minor(i_profile_id text, i_minor boolean) RETURNS bigint
     LANGUAGE plpgsql AS $$
     BEGIN
         IF NOT i_minor THEN
@@ -154,7 +153,7 @@ _PARTITION_FUNCTIONS = (
             RETURN 0;
         END IF;
         INSERT INTO minors (profile_id) VALUES (i_profile_id) ON CONFLICT DO NOTHING;
-        RETURN sotto_erase(i_profile_id, ARRAY['profiles', 'scores', 'signal_counts', 'batches']);
+        RETURN sotto_erase(i_profile_id, {_sql_array(common.SIGNAL_TABLES)});
     END $$""",
     """CREATE OR REPLACE FUNCTION sotto_minors() RETURNS SETOF text
     LANGUAGE sql STABLE AS $$ SELECT profile_id FROM minors $$""",
@@ -346,9 +345,9 @@ def _unavailable_or(exc: psycopg.Error) -> Exception:
     """The store error a proxy call's failure means."""
     state = exc.sqlstate or ""
     if state == _CONFLICT:
-        return BatchConflictError("batch id reused with different content")
+        return BatchConflictError()
     if state == _MINOR:
-        return MinorProfileError("this profile is marked as a minor: no interest signals are accepted")
+        return MinorProfileError()
     # PL/Proxy reports a partition it cannot reach (or lost mid-call) as an internal error of its own
     # (remote errors keep their SQLSTATE); a paused partition has its own state.
     if state == _PAUSED or (state == "XX000" and "PL/Proxy" in str(exc) and "REMOTE ERROR" not in str(exc)):
@@ -400,8 +399,6 @@ class PlProxyStore(postgres.PostgresStore):
 
     async def apply_batch(self, batch: Batch) -> ApplyResult:
         """One call of the partition's ``sotto_apply_batch``: one transaction on the profile's shard."""
-        entries = batch.entries(self.half_life_days)
-        counts = batch.counts()
         params = (
             batch.profile_id,
             batch.batch_id,
@@ -409,12 +406,7 @@ class PlProxyStore(postgres.PostgresStore):
             batch.base_day,
             batch.epsilon_milli,
             batch.refuse_minor,
-            [e.category_id for e in entries],
-            [e.increment for e in entries],
-            [e.last_day for e in entries],
-            [cid for cid, _, _ in counts],
-            [day for _, day, _ in counts],
-            [n for _, _, n in counts],
+            *postgres.unnest_arrays(batch, self.half_life_days),
         )
 
         async def call(conn: AsyncConnection) -> bool:
@@ -434,16 +426,7 @@ class PlProxyStore(postgres.PostgresStore):
 
         async def call(conn: AsyncConnection) -> StoredProfile | None:
             cursor = await conn.execute("SELECT * FROM sotto_get_profile(%s)", (profile_id,))
-            rows = await cursor.fetchall()
-            if not rows:
-                return None
-            entries = [row for row in rows if row[1] is not None]
-            return StoredProfile(
-                profile_id=profile_id,
-                batches=rows[0][0],
-                sums={cid: s for _, cid, s, _ in entries},
-                last_days={cid: day for _, cid, _, day in entries},
-            )
+            return common.profile_from_rows(profile_id, await cursor.fetchall())
 
         return await self._run(call)
 
@@ -484,7 +467,7 @@ class PlProxyStore(postgres.PostgresStore):
                 "FROM sotto_signal_counts(%s, %s) GROUP BY epsilon_milli ORDER BY epsilon_milli",
                 (category_id, since_day),
             )
-            return [(int(e), int(c), int(n)) for e, c, n in await cursor.fetchall()]
+            return common.signal_counts_from_rows(await cursor.fetchall())
 
         return await self._run(call)
 
@@ -519,9 +502,7 @@ class PlProxyStore(postgres.PostgresStore):
             )
             row = await cursor.fetchone()
             assert row is not None
-            return PurgeResult(
-                entries=int(row[0]), profiles=int(row[1]), batches=int(row[2]), signal_counts=int(row[3])
-            )
+            return common.purge_result([int(n) for n in row])
 
         return await self._run(call)
 

@@ -70,7 +70,7 @@ def test_the_firmware_example_runs_as_written(enrolled: tuple[Path, str]) -> Non
         stop_server(proc)
 
     assert done.returncode == 0, done.stderr
-    assert "Interest(category_id=" in done.stdout  # the spoken query gave a signal
+    assert "Signal(category_id=" in done.stdout  # the spoken query gave a signal
     with sqlite3.connect(folder / "sotto-data" / "outbox.db") as db:
         state = dict(db.execute("SELECT key, value FROM state"))
     assert "opted_out" in state and "privacy_budget" in state  # one state, in the outbox

@@ -21,11 +21,13 @@ from types import TracebackType
 
 import grpc
 import numpy as np
+import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
 from sotto.edge.audio import SAMPLE_RATE
 from sotto.edge.classifier import ClassifierOutput
 from sotto.edge.outbox import Outbox
+from sotto.edge.pipeline import EdgeModels
 from sotto.policy import models_dir
 from sotto.server import ServerConfig, create_server, open_store
 from sotto.v1 import signals_pb2, signals_pb2_grpc
@@ -105,6 +107,15 @@ def output(
     return ClassifierOutput(list(interests), no_interest, sensitive, sensitive_class)
 
 
+def forbid_classifier(monkeypatch: pytest.MonkeyPatch, models: EdgeModels) -> None:
+    """Make ``models``' classifier fail the test if anything reaches it (for inputs that must stop before)."""
+
+    def refuse(texts: list[str]) -> list[ClassifierOutput]:
+        raise AssertionError(f"the classifier ran on {texts!r}")
+
+    monkeypatch.setattr(models.classifier, "classify_batch", refuse)
+
+
 def copy_policy(dst: Path) -> Path:
     """A models folder with only the policy files (enough for ``Policy.load``)."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -175,16 +186,21 @@ def load_allowlist() -> dict[str, AllowedField]:
 # --- the CLI --------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m sotto.edge analyze ARGS`` as a real process, from outside the source tree."""
+def run_edge(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m sotto.edge ARGS`` (``sotto-edge``) as a real process, from outside the source tree."""
     return subprocess.run(
-        [sys.executable, "-m", "sotto.edge", "analyze", *(os.fspath(a) for a in args)],
+        [sys.executable, "-m", "sotto.edge", *(os.fspath(a) for a in args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=tempfile.gettempdir(),
         check=False,
     )
+
+
+def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m sotto.edge analyze ARGS`` as a real process, from outside the source tree."""
+    return run_edge("analyze", *args, timeout=timeout)
 
 
 # --- an aggregator on its own event loop ----------------------------------------------------------

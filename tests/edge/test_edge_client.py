@@ -12,9 +12,8 @@ import pytest
 from edge_testkit import CATS, DOGS, GARDENING, MOVIES, MUSIC, PROFILE, TODAY, AggregatorThread, free_port
 
 from sotto.edge.client import DeliveryClient
-from sotto.edge.privacy import Interest
 from sotto.server import ServerConfig
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 
 DAY = day_number(TODAY)
 
@@ -53,7 +52,7 @@ def test_batches_by_batch_size_and_server_profile_reflects_all(
     with AggregatorThread(db_url, server_config) as server:
         client = _client(server.target, batch_size=2)
         try:
-            client.add(Interest(cid, level, DAY) for cid, level in levels.items())
+            client.add(Signal(cid, level, DAY) for cid, level in levels.items())
             assert client.pending_batches == 3  # two full batches sealed, one partial in the buffer
 
             assert client.flush() is True
@@ -87,7 +86,7 @@ def test_batch_waits_for_the_server_and_is_applied_once(server_config: ServerCon
     db = tmp_path / "later.db"
     client = _client(f"127.0.0.1:{port}", batch_size=10)
     try:
-        client.add([Interest(MUSIC, 4, DAY), Interest(DOGS, 2, DAY)])
+        client.add([Signal(MUSIC, 4, DAY), Signal(DOGS, 2, DAY)])
 
         assert client.flush() is False  # nothing listens on the port
         assert client.pending_batches == 1
@@ -121,7 +120,7 @@ def test_refused_batch_is_counted_and_not_kept(server_config: ServerConfig, db_u
     with AggregatorThread(db_url, server_config) as server:
         blocked = _client(server.target, region="DE", batch_size=1)
         try:
-            blocked.add([Interest(MUSIC, 4, DAY)])
+            blocked.add([Signal(MUSIC, 4, DAY)])
 
             assert blocked.flush() is True  # nothing left that could ever succeed
 
@@ -140,7 +139,7 @@ def test_refused_batch_does_not_block_the_next_one(server_config: ServerConfig, 
         client = _client(server.target, batch_size=1)
         try:
             # 286 Medical Health is sensitive: the aggregator refuses that batch for good.
-            client.add([Interest("286", 4, DAY), Interest(MUSIC, 4, DAY)])
+            client.add([Signal("286", 4, DAY), Signal(MUSIC, 4, DAY)])
             assert client.flush() is True
             assert client.stats.rejected == {"INVALID_ARGUMENT": 1}
             assert client.stats.batches_sent == 1

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
-import tempfile
 from contextlib import closing
 from pathlib import Path
 
 import grpc
 import pytest
-from edge_testkit import CATS, DOGS, MOVIES, MUSIC, PROFILE, TODAY, AggregatorThread, free_port
+from edge_testkit import CATS, DOGS, MOVIES, MUSIC, PROFILE, TODAY, AggregatorThread, free_port, run_edge
 
 from sotto.edge.client import (
     CHANNEL_OPTIONS,
@@ -23,10 +20,9 @@ from sotto.edge.client import (
     deletion_state,
 )
 from sotto.edge.outbox import Outbox, OutboxLimits
-from sotto.edge.privacy import Interest
 from sotto.server import ServerConfig
 from sotto.server.service import MIN_PING_INTERVAL_MS, PING_POLICY
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 
 DAY = day_number(TODAY)
 
@@ -41,14 +37,14 @@ def test_signals_wait_for_a_full_batch_or_the_maximum_delay(server_config: Serve
     with AggregatorThread(db_url, server_config) as server:
         client = _client(server.target, batch_size=3, max_delay_s=3600)
         try:
-            client.add([Interest(MUSIC, 4, DAY), Interest(DOGS, 2, DAY)])
+            client.add([Signal(MUSIC, 4, DAY), Signal(DOGS, 2, DAY)])
             assert client.due() is False and client.flush_if_due() is None  # not worth a call yet
-            client.add([Interest(CATS, 1, DAY)])
+            client.add([Signal(CATS, 1, DAY)])
             assert client.due() is True  # a full batch
             assert client.flush_if_due() is True
             assert client.stats.batches_sent == 1
 
-            client.add([Interest(MOVIES, 3, DAY)])
+            client.add([Signal(MOVIES, 3, DAY)])
             oldest = client.outbox.oldest_unsealed_at()
             assert oldest is not None
             assert client.due(now=oldest + 3599) is False
@@ -62,7 +58,7 @@ def test_signals_wait_for_a_full_batch_or_the_maximum_delay(server_config: Serve
 def test_failed_flush_backs_off_before_the_next_attempt() -> None:
     client = _client(f"127.0.0.1:{free_port()}", batch_size=1, max_attempts=1, backoff_s=60, max_backoff_s=60)
     try:
-        client.add([Interest(MUSIC, 4, DAY)])
+        client.add([Signal(MUSIC, 4, DAY)])
         assert client.due() is True
         assert client.flush_if_due() is False  # nothing listens
         assert client.due() is False  # a full batch waits, but the backoff has not passed
@@ -76,7 +72,7 @@ def test_batches_survive_a_restart_and_are_sent_with_their_ids(
 ) -> None:
     path = tmp_path / "outbox.db"
     down = _client(f"127.0.0.1:{free_port()}", outbox=path, batch_size=2, max_attempts=1)
-    down.add([Interest(MUSIC, 4, DAY), Interest(DOGS, 2, DAY), Interest(CATS, 1, DAY)])
+    down.add([Signal(MUSIC, 4, DAY), Signal(DOGS, 2, DAY), Signal(CATS, 1, DAY)])
     assert down.flush() is False
     ids = [b.batch_id for b in down.outbox.batches()]
     down.close()  # the "reboot"
@@ -97,10 +93,10 @@ def test_opt_out_purges_at_once_refuses_new_signals_and_is_remembered(tmp_path: 
     path = tmp_path / "outbox.db"
     client = _client(f"127.0.0.1:{free_port()}", outbox=path, batch_size=2, max_attempts=1)
     try:
-        client.add([Interest(MUSIC, 4, DAY), Interest(DOGS, 2, DAY), Interest(CATS, 1, DAY)])
+        client.add([Signal(MUSIC, 4, DAY), Signal(DOGS, 2, DAY), Signal(CATS, 1, DAY)])
         assert client.set_opt_out(True) == 3
         assert client.pending_batches == 0
-        assert client.add([Interest(MOVIES, 4, DAY)]) == 0
+        assert client.add([Signal(MOVIES, 4, DAY)]) == 0
         assert client.stats.refused_signals == 1
         assert client.flush() is True  # nothing to send, nothing sent
     finally:
@@ -108,9 +104,9 @@ def test_opt_out_purges_at_once_refuses_new_signals_and_is_remembered(tmp_path: 
     again = _client(f"127.0.0.1:{free_port()}", outbox=path)
     try:
         assert again.opted_out is True  # survives a restart
-        assert again.add([Interest(MOVIES, 4, DAY)]) == 0
+        assert again.add([Signal(MOVIES, 4, DAY)]) == 0
         again.set_opt_out(False)
-        assert again.add([Interest(MOVIES, 4, DAY)]) == 1
+        assert again.add([Signal(MOVIES, 4, DAY)]) == 1
     finally:
         again.close()
     with Outbox(path) as box:
@@ -125,17 +121,17 @@ def test_deletion_clears_outbox_and_ledger_and_is_delivered_after_a_restart(
     db = f"sqlite:///{tmp_path / 'agg.db'}"
     with AggregatorThread(db, server_config, port=port) as server:
         client = _client(server.target, outbox=path, batch_size=1)
-        client.add([Interest(MUSIC, 4, DAY)])
+        client.add([Signal(MUSIC, 4, DAY)])
         assert client.flush() is True
         assert len(client.outbox.ledger()) == 1
         assert server.profile().batches == 1
     # The aggregator is down when the wearer asks for deletion: erased locally now, delivered later.
-    client.add([Interest(DOGS, 2, DAY)])
+    client.add([Signal(DOGS, 2, DAY)])
     assert client.delete_profile() is DeletionStatus.PENDING
     assert client.outbox.ledger() == [] and client.pending_batches == 0
     state = deletion_state(client.outbox)
     assert state is not None and state.status is DeletionStatus.PENDING and state.last_code == "UNAVAILABLE"
-    assert client.add([Interest(CATS, 1, DAY)]) == 0  # nothing new for a profile being deleted
+    assert client.add([Signal(CATS, 1, DAY)]) == 0  # nothing new for a profile being deleted
     client.close()
     with AggregatorThread(db, server_config, port=port) as server:
         rebooted = _client(server.target, outbox=path)
@@ -174,31 +170,20 @@ def test_bad_delivery_options_are_refused() -> None:
 # --- sotto-edge ledger ----------------------------------------------------------------------------------
 
 
-def _edge(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sotto.edge", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tempfile.gettempdir(),
-        check=False,
-    )
-
-
 def _sent_outbox(path: Path) -> bytes:
     with Outbox(path) as box:
-        box.add("US", [Interest(MUSIC, 4, DAY), Interest(DOGS, 2, DAY)])
+        box.add("US", [Signal(MUSIC, 4, DAY), Signal(DOGS, 2, DAY)])
         box.seal(PROFILE, batch_size=2)
         (batch,) = box.batches()
         box.acknowledge(batch.batch_id)
-        box.add("US", [Interest(CATS, 1, DAY)])  # queued, not sent: not in the ledger
+        box.add("US", [Signal(CATS, 1, DAY)])  # queued, not sent: not in the ledger
         return batch.batch_id
 
 
 def test_ledger_json_lists_what_was_sent(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     batch_id = _sent_outbox(path)
-    proc = _edge("ledger", "--outbox", str(path), "--json")
+    proc = run_edge("ledger", "--outbox", str(path), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [(r["category_id"], r["weight"], r["day"], r["batch_id"]) for r in rows] == [
@@ -214,21 +199,21 @@ def test_ledger_json_lists_what_was_sent(tmp_path: Path) -> None:
 def test_ledger_table_and_clear(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     batch_id = _sent_outbox(path)
-    table = _edge("ledger", "--outbox", str(path))
+    table = run_edge("ledger", "--outbox", str(path))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split()[:2] == ["sent", "(UTC)"]
     assert len(lines) == 3 and all(batch_id.hex()[:8] in line for line in lines[1:])
-    cleared = _edge("ledger", "--outbox", str(path), "--clear")
+    cleared = run_edge("ledger", "--outbox", str(path), "--clear")
     assert cleared.returncode == 0 and cleared.stdout.strip() == "cleared 2 ledger entries"
-    assert json.loads(_edge("ledger", "--outbox", str(path), "--json").stdout) == []
+    assert json.loads(run_edge("ledger", "--outbox", str(path), "--json").stdout) == []
     with Outbox(path) as box:
         assert box.stats().queued_signals == 1  # clearing the ledger leaves the queue alone
 
 
 def test_ledger_of_a_device_that_never_sent_creates_nothing(tmp_path: Path) -> None:
     path = tmp_path / "none" / "outbox.db"
-    proc = _edge("ledger", "--outbox", str(path))
+    proc = run_edge("ledger", "--outbox", str(path))
     assert proc.returncode == 0 and "No signals have been sent" in proc.stdout
     assert not path.parent.exists()
 
@@ -238,7 +223,7 @@ def test_ledger_reports_a_newer_outbox_as_an_error(tmp_path: Path) -> None:
     Outbox(path).close()
     with closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA user_version = 99")
-    proc = _edge("ledger", "--outbox", str(path))
+    proc = run_edge("ledger", "--outbox", str(path))
     assert proc.returncode == 2 and "newer than this software" in proc.stderr
 
 
@@ -248,7 +233,7 @@ def test_limits_reach_the_client(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", OutboxLimits(max_batches=2))
     client = _client(f"127.0.0.1:{free_port()}", outbox=box, batch_size=1)
     try:
-        client.add([Interest(MUSIC, 4, DAY), Interest(DOGS, 2, DAY), Interest(CATS, 1, DAY)])
+        client.add([Signal(MUSIC, 4, DAY), Signal(DOGS, 2, DAY), Signal(CATS, 1, DAY)])
         assert client.pending_batches == 2
         assert box.stats().get("batches_dropped_overflow") == 1
     finally:

@@ -7,10 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from edge_testkit import PROFILE, AggregatorThread, free_port
+from edge_testkit import PROFILE, AggregatorThread, forbid_classifier, free_port
 
 from sotto.edge import Device, LdpOptions
-from sotto.edge.classifier import ClassifierOutput
 from sotto.edge.client import DeliveryClient
 from sotto.edge.ldp import BUDGET_STATE_KEY
 from sotto.edge.outbox import Outbox
@@ -19,13 +18,6 @@ from sotto.policy import Policy
 from sotto.server import ServerConfig
 
 COMMERCIAL = "book me a flight to paris for next week"
-
-
-def _forbid_classifier(monkeypatch: pytest.MonkeyPatch, models: EdgeModels) -> None:
-    def refuse(texts: list[str]) -> list[ClassifierOutput]:
-        raise AssertionError(f"the classifier ran on {texts!r}")
-
-    monkeypatch.setattr(models.classifier, "classify_batch", refuse)
 
 
 def _device(models: EdgeModels, outbox: Path | None, **kwargs: object) -> Device:
@@ -107,7 +99,7 @@ def test_an_opt_out_silences_the_device_across_a_restart(
     with _device(edge_models, outbox) as device:
         assert device.hear_text(COMMERCIAL).signals
         assert device.set_opt_out(True) >= 1  # what was queued is erased at once
-    _forbid_classifier(monkeypatch, edge_models)
+    forbid_classifier(monkeypatch, edge_models)
     with _device(edge_models, outbox) as restarted:
         assert restarted.opted_out
         result = restarted.hear_text(COMMERCIAL)
@@ -131,7 +123,7 @@ def test_the_minor_mark_is_remembered_and_stops_signals(
     with _device(edge_models, outbox) as device:
         assert device.hear_text(COMMERCIAL).signals
         assert device.set_minor(True) >= 1  # the shipped table forbids minors everywhere: queue erased
-    _forbid_classifier(monkeypatch, edge_models)
+    forbid_classifier(monkeypatch, edge_models)
     with _device(edge_models, outbox) as restarted:
         assert restarted.minor
         result = restarted.hear_text(COMMERCIAL)

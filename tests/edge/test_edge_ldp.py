@@ -14,11 +14,10 @@ from edge_testkit import MOVIES, MUSIC, PROFILE, TODAY
 
 from sotto.edge.ldp import NOISED_WEIGHT_LEVEL, DailyBudget, LdpOptions, LocalPrivacy, RandomizedResponse
 from sotto.edge.pipeline import EdgeModels, Pipeline
-from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.ldp_math import debias, grr_probabilities
 from sotto.policy import Policy
-from sotto.wire import day_number, epsilon_milli
+from sotto.wire import Signal, day_number, epsilon_milli
 
 DAY = day_number(TODAY)
 
@@ -81,7 +80,7 @@ def _local(policy: Policy, tmp_path: Path, budget: int = 20, seed: int = 3) -> L
 
 def test_privatize_noises_category_fixes_weight_and_declares_epsilon(policy: Policy, tmp_path: Path) -> None:
     local = _local(policy, tmp_path)
-    signals = [Interest(MUSIC, 1, DAY), Interest(MOVIES, 3, DAY)]
+    signals = [Signal(MUSIC, 1, DAY), Signal(MOVIES, 3, DAY)]
     sent, withheld = local.privatize(signals)
     assert withheld == 0 and len(sent) == 2
     for s in sent:
@@ -95,8 +94,8 @@ def test_privatize_noises_category_fixes_weight_and_declares_epsilon(policy: Pol
 
 def test_a_batch_cannot_mix_mechanisms() -> None:
     with pytest.raises(ValueError, match="cannot mix"):
-        encode_batch(PROFILE, "US", [Interest(MUSIC, 4, DAY, 2.0), Interest(MUSIC, 4, DAY)])
-    assert encode_batch(PROFILE, "US", [Interest(MUSIC, 4, DAY)]).ldp_epsilon_milli == 0
+        encode_batch(PROFILE, "US", [Signal(MUSIC, 4, DAY, 2.0), Signal(MUSIC, 4, DAY)])
+    assert encode_batch(PROFILE, "US", [Signal(MUSIC, 4, DAY)]).ldp_epsilon_milli == 0
 
 
 def test_pipeline_applies_ldp_only_to_what_passed_the_filter(edge_models: EdgeModels, tmp_path: Path) -> None:
@@ -120,14 +119,14 @@ def test_pipeline_applies_ldp_only_to_what_passed_the_filter(edge_models: EdgeMo
 
 def test_budget_caps_signals_per_day_and_survives_a_restart(policy: Policy, tmp_path: Path) -> None:
     local = _local(policy, tmp_path, budget=3)
-    sent, withheld = local.privatize([Interest(MUSIC, 2, DAY)] * 2)
+    sent, withheld = local.privatize([Signal(MUSIC, 2, DAY)] * 2)
     assert (len(sent), withheld) == (2, 0)
     restarted = _local(policy, tmp_path, budget=3)  # same file: a reboot does not reset the day
-    sent, withheld = restarted.privatize([Interest(MUSIC, 2, DAY)] * 2)
+    sent, withheld = restarted.privatize([Signal(MUSIC, 2, DAY)] * 2)
     assert (len(sent), withheld) == (1, 1)
-    assert restarted.privatize([Interest(MUSIC, 2, DAY)]) == ([], 1)
+    assert restarted.privatize([Signal(MUSIC, 2, DAY)]) == ([], 1)
     # The next day starts afresh.
-    sent, withheld = restarted.privatize([Interest(MUSIC, 2, DAY + 1)] * 4)
+    sent, withheld = restarted.privatize([Signal(MUSIC, 2, DAY + 1)] * 4)
     assert (len(sent), withheld) == (3, 1)
 
 
@@ -153,7 +152,7 @@ def test_unreadable_budget_file_fails_closed_for_the_day(tmp_path: Path, content
 
 def test_in_memory_budget_writes_nothing(tmp_path: Path, policy: Policy) -> None:
     local = LocalPrivacy(policy.interest_ids, LdpOptions(2.0, 1), None, random.Random(1))
-    assert local.privatize([Interest(MUSIC, 2, DAY)] * 2)[1] == 1
+    assert local.privatize([Signal(MUSIC, 2, DAY)] * 2)[1] == 1
     assert list(tmp_path.iterdir()) == []
 
 

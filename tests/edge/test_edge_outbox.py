@@ -10,8 +10,7 @@ import pytest
 from edge_testkit import CATS, DOGS, GARDENING, MOVIES, MUSIC, PROFILE, TODAY, assert_outbox_balanced
 
 from sotto.edge.outbox import SCHEMA_VERSION, Outbox, OutboxError, OutboxLimits
-from sotto.edge.privacy import Interest
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 
 DAY = day_number(TODAY)
 CATEGORIES = [MUSIC, MOVIES, DOGS, CATS, GARDENING]
@@ -27,8 +26,8 @@ class FakeClock:
         return self.now
 
 
-def _signals(n: int, start: int = 0) -> list[Interest]:
-    return [Interest(CATEGORIES[(start + i) % len(CATEGORIES)], 1 + (start + i) % 4, DAY) for i in range(n)]
+def _signals(n: int, start: int = 0) -> list[Signal]:
+    return [Signal(CATEGORIES[(start + i) % len(CATEGORIES)], 1 + (start + i) % 4, DAY) for i in range(n)]
 
 
 def test_signals_survive_reopen_and_batches_keep_id_and_bytes(tmp_path: Path) -> None:
@@ -58,8 +57,8 @@ def test_batches_declare_the_epsilon_their_signals_were_noised_with(tmp_path: Pa
     """Noised signals keep their mechanism through the disk: each batch holds one epsilon and declares
     it (the aggregator de-biases by it), and un-noised signals never share a batch with noised ones."""
     plain = _signals(2)
-    noised = [Interest(i.category_id, 4, i.day, epsilon=2.0) for i in _signals(3, start=2)]
-    other = [Interest(i.category_id, 4, i.day, epsilon=0.5) for i in _signals(1, start=5)]
+    noised = [Signal(i.category_id, 4, i.day, epsilon=2.0) for i in _signals(3, start=2)]
+    other = [Signal(i.category_id, 4, i.day, epsilon=0.5) for i in _signals(1, start=5)]
     with Outbox(tmp_path / "outbox.db") as box:
         box.add("US", plain + noised + other)
         assert box.seal(PROFILE, batch_size=10, partial=True) == 3
@@ -91,8 +90,8 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path: Path) -> None:
 
 def test_batches_split_by_region_and_day_span() -> None:
     with Outbox(None) as box:
-        box.add("US", [Interest(MUSIC, 4, DAY - 40), Interest(DOGS, 4, DAY)])
-        box.add("CA", [Interest(CATS, 2, DAY)])
+        box.add("US", [Signal(MUSIC, 4, DAY - 40), Signal(DOGS, 4, DAY)])
+        box.add("CA", [Signal(CATS, 2, DAY)])
         assert box.seal(PROFILE, batch_size=10, partial=True) == 3
         messages = [b.message() for b in box.batches()]
     assert [(m.region, m.base_day, len(m.signals)) for m in messages] == [

@@ -20,8 +20,7 @@ from sotto.edge.cli import main as edge_main
 from sotto.edge.client import DeliveryClient
 from sotto.edge.ldp import DailyBudget
 from sotto.edge.outbox import STATE_LOST_KEY, Outbox, OutboxError
-from sotto.edge.privacy import Interest
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 
 DAY = day_number(__import__("datetime").date.today())
 
@@ -45,7 +44,7 @@ def _client(path: Path) -> DeliveryClient:
 def test_an_opt_out_on_a_damaged_page_fails_closed(tmp_path: Path, half: str) -> None:
     path = tmp_path / "outbox.db"
     client = _client(path)
-    client.add([Interest(MUSIC, 4, DAY)] * 12)
+    client.add([Signal(MUSIC, 4, DAY)] * 12)
     assert client.set_opt_out(True) == 12
     client.close()
     offset, size = _page_of(path, "state")
@@ -57,7 +56,7 @@ def test_an_opt_out_on_a_damaged_page_fails_closed(tmp_path: Path, half: str) ->
     try:
         assert client.opted_out is True, "the damaged outbox forgot the opt-out"
         # 100 more queries after the wearer opted out: nothing is stored.
-        assert sum(client.add([Interest(MUSIC, 4, DAY)]) for _ in range(100)) == 0
+        assert sum(client.add([Signal(MUSIC, 4, DAY)]) for _ in range(100)) == 0
         # The rest of the state fails closed too: a minor, today's privacy budget spent.
         assert client.outbox.get_state("minor") == "1"
         assert DailyBudget(20, client.outbox).remaining(DAY) == 0
@@ -65,7 +64,7 @@ def test_an_opt_out_on_a_damaged_page_fails_closed(tmp_path: Path, half: str) ->
         assert_outbox_balanced(client.outbox)
         # Only the wearer's explicit choice lifts it.
         client.set_opt_out(False)
-        assert client.add([Interest(MUSIC, 4, DAY)]) == 1
+        assert client.add([Signal(MUSIC, 4, DAY)]) == 1
     finally:
         client.close()
 
@@ -89,7 +88,7 @@ def test_a_state_changed_behind_the_digest_fails_closed(tmp_path: Path) -> None:
 def test_an_intact_state_survives_recovery_of_other_damage(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     client = _client(path)
-    client.add([Interest(MUSIC, 4, DAY)] * 5)
+    client.add([Signal(MUSIC, 4, DAY)] * 5)
     client.close()
     offset, size = _page_of(path, "signals")
     with path.open("r+b") as f:
@@ -103,38 +102,35 @@ def test_an_intact_state_survives_recovery_of_other_damage(tmp_path: Path) -> No
         client.close()
 
 
-def test_a_damaged_schema_version_is_recovered_not_migrated(tmp_path: Path) -> None:
-    """A flipped top bit in the header's user_version (byte 60) makes the version negative: the file is
-    damaged (moved aside and salvaged), never taken for an old outbox to migrate."""
-    path = tmp_path / "outbox.db"
-    client = _client(path)
-    client.add([Interest(MUSIC, 4, DAY)] * 3)
-    client.set_opt_out(True)
-    client.close()
-    with path.open("r+b") as f:
-        f.seek(60)
-        f.write(b"\x80")
-    client = _client(path)
-    try:
-        assert client.outbox.recovery is not None
-        assert client.opted_out is True  # the wearer's choice came through the salvage
-    finally:
-        client.close()
-    assert list(tmp_path.glob("outbox.db.damaged-*"))
-
-
 # --- 10: salvage keeps the ledger and the counters; a lost side file loses nothing stored ------------
+
+
+def test_a_negative_schema_version_in_the_header_is_recovered_with_the_opt_out(tmp_path: Path) -> None:
+    """A flipped top bit in the header's user_version makes the version negative: the file is damaged
+    (moved aside and salvaged, the wearer's opt-out kept), never taken for an old outbox to migrate."""
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        box.add("US", [Signal(MUSIC, 2, DAY)])
+        box.set_state("opted_out", "1")
+    with path.open("r+b") as f:
+        f.seek(60)  # the header's user_version, big-endian: its top bit makes it negative
+        f.write(b"\x80")
+    with Outbox(path) as box:
+        assert box.recovery is not None
+        assert box.get_state("opted_out") == "1"
+        assert_outbox_balanced(box)
+    assert list(tmp_path.glob("outbox.db.damaged-*"))
 
 
 def test_salvage_keeps_the_ledger_and_the_counters(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
         for n in range(40):
-            box.add("US", [Interest(MUSIC if n % 2 else DOGS, 1 + n % 4, DAY)])
+            box.add("US", [Signal(MUSIC if n % 2 else DOGS, 1 + n % 4, DAY)])
         box.seal(PROFILE, 5)
         for batch in box.batches()[:6]:
             box.acknowledge(batch.batch_id)  # 30 signals in the ledger, 10 still queued
-        box.add("US", [Interest(MUSIC, 2, DAY)] * 3)
+        box.add("US", [Signal(MUSIC, 2, DAY)] * 3)
         ledger_before = box.ledger()
         acknowledged = box.stats().get("signals_acknowledged")
     offset, size = _page_of(path, "batches")
@@ -155,10 +151,10 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from sotto.edge.outbox import Outbox
-    from sotto.edge.privacy import Interest
+    from sotto.wire import Signal
     box = Outbox(sys.argv[1])
     for _ in sys.stdin:  # one add per line the test sends, so it knows how many can have been stored
-        box.add("US", [Interest("338", 4, int(sys.argv[2]))])
+        box.add("US", [Signal("338", 4, int(sys.argv[2]))])
         print("stored", flush=True)
     """
 )
@@ -202,7 +198,7 @@ def test_a_side_file_deleted_after_a_crash_loses_no_stored_signal(tmp_path: Path
 def test_a_queued_row_with_a_flipped_region_byte_is_quarantined(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
-        box.add("US", [Interest(MUSIC, 4, DAY)] * 3)
+        box.add("US", [Signal(MUSIC, 4, DAY)] * 3)
     offset, size = _page_of(path, "signals")
     data = bytearray(path.read_bytes())
     at = data.index(b"US338", offset, offset + size)  # the record: region then category id
@@ -212,7 +208,7 @@ def test_a_queued_row_with_a_flipped_region_byte_is_quarantined(tmp_path: Path) 
     client = _client(path)
     try:
         assert client.outbox.recovery is None  # the file itself is sound: only a value is wrong
-        assert client.add([Interest(DOGS, 2, DAY)] * 3) == 3  # used to raise, for every add after
+        assert client.add([Signal(DOGS, 2, DAY)] * 3) == 3  # used to raise, for every add after
         client.outbox.seal(PROFILE, 5, partial=True)
         stats = client.outbox.stats()
         assert stats.get("signals_quarantined") == 1
@@ -247,7 +243,7 @@ def test_the_ledger_command_leaves_a_damaged_outbox_in_place(
 ) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
-        box.add("US", [Interest(MUSIC, 4, DAY)] * 50)
+        box.add("US", [Signal(MUSIC, 4, DAY)] * 50)
     offset, size = _page_of(path, "signals")
     with path.open("r+b") as f:
         f.seek(offset)
@@ -262,7 +258,7 @@ def test_the_ledger_command_leaves_a_damaged_outbox_in_place(
 def test_the_ledger_command_reads_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
-        box.add("US", [Interest(MUSIC, 4, DAY)])
+        box.add("US", [Signal(MUSIC, 4, DAY)])
         box.seal(PROFILE, 1)
         box.acknowledge(box.batches()[0].batch_id)
     os.chmod(path, 0o444)

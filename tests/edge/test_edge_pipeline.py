@@ -8,11 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_testkit import JFK_LINE, JFK_WAV, MODELS, PROFILE, TODAY, copy_models, free_port, words
+from edge_testkit import (
+    JFK_LINE,
+    JFK_WAV,
+    MODELS,
+    PROFILE,
+    TODAY,
+    copy_models,
+    forbid_classifier,
+    free_port,
+    words,
+)
 
 from sotto.edge.asr import ModelError
 from sotto.edge.audio import SAMPLE_RATE, Audio
-from sotto.edge.classifier import NONE_LABEL, ClassifierOutput, TextClassifier, normalize_text
+from sotto.edge.classifier import NONE_LABEL, TextClassifier, normalize_text
 from sotto.edge.client import DeliveryClient
 from sotto.edge.pipeline import Analysis, EdgeConfig, EdgeModels, Pipeline
 from sotto.edge.privacy import DROP_REASONS, Dropped
@@ -29,13 +39,6 @@ SENSITIVE = {
 def _listed_interest_ids() -> set[str]:
     with (MODELS / "interest_categories.tsv").open(encoding="utf-8", newline="") as fh:
         return {row["id"] for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)}
-
-
-def _forbid_classifier(monkeypatch: pytest.MonkeyPatch, models: EdgeModels) -> None:
-    def refuse(texts: list[str]) -> list[ClassifierOutput]:
-        raise AssertionError(f"the classifier ran on {texts!r}")
-
-    monkeypatch.setattr(models.classifier, "classify_batch", refuse)
 
 
 # --- classifier -----------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def test_sensitive_query_is_dropped_without_signals(pipeline: Pipeline, query: s
 def test_blocked_region_never_runs_the_classifier(
     monkeypatch: pytest.MonkeyPatch, edge_models: EdgeModels
 ) -> None:
-    _forbid_classifier(monkeypatch, edge_models)
+    forbid_classifier(monkeypatch, edge_models)
     device = Pipeline(edge_models, region="DE")
 
     result = device.analyze_text(COMMERCIAL, today=TODAY)
@@ -170,7 +173,7 @@ def test_blocked_region_never_runs_the_classifier(
 
 
 def test_opt_out_never_runs_the_classifier(monkeypatch: pytest.MonkeyPatch, edge_models: EdgeModels) -> None:
-    _forbid_classifier(monkeypatch, edge_models)
+    forbid_classifier(monkeypatch, edge_models)
     device = Pipeline(edge_models, region="US", opted_out=True)
 
     result = device.analyze_text(COMMERCIAL, today=TODAY)
@@ -188,7 +191,7 @@ def test_an_opt_out_kept_in_the_outbox_silences_the_device_after_a_restart(
         client.set_opt_out(True)
     finally:
         client.close()
-    _forbid_classifier(monkeypatch, edge_models)
+    forbid_classifier(monkeypatch, edge_models)
 
     restarted = DeliveryClient(PROFILE, "US", target=f"127.0.0.1:{free_port()}", outbox=outbox)
     try:
@@ -213,7 +216,7 @@ def test_forbidding_the_classifier_is_effective(
     monkeypatch: pytest.MonkeyPatch, edge_models: EdgeModels
 ) -> None:
     """Control for the two tests above: the patch does stop an unrestricted device."""
-    _forbid_classifier(monkeypatch, edge_models)
+    forbid_classifier(monkeypatch, edge_models)
     with pytest.raises(AssertionError, match="the classifier ran"):
         Pipeline(edge_models, region="US").analyze_text(COMMERCIAL, today=TODAY)
 

@@ -11,12 +11,12 @@ from sotto.edge.privacy import (
     DROP_REASONS,
     Dropped,
     FilterOptions,
-    Interest,
     PrivacyFilter,
     day_number,
     weight_level,
 )
 from sotto.policy import Policy
+from sotto.wire import Signal
 
 THRESHOLD = 0.8
 
@@ -38,7 +38,7 @@ def test_sensitive_at_or_above_threshold_is_dropped_with_its_class(policy: Polic
 
 def test_sensitive_just_below_threshold_passes(policy: Policy) -> None:
     decision = _filter(policy).decide(output([(MUSIC, 0.9)], sensitive=THRESHOLD - 1e-6), TODAY)
-    assert decision == [Interest(MUSIC, 4, day_number(TODAY))]
+    assert decision == [Signal(MUSIC, 4, day_number(TODAY))]
 
 
 def test_options_threshold_overrides_the_model_threshold(policy: Policy) -> None:
@@ -95,8 +95,8 @@ def test_gate_respects_region_effective_date(policy: Policy) -> None:
 def test_signals_are_best_first_with_coarse_weight_and_day(policy: Policy) -> None:
     decision = _filter(policy).decide(output([(MUSIC, 0.6), (MOVIES, 0.4)]), TODAY)
     assert decision == [
-        Interest(MUSIC, 3, day_number(TODAY)),
-        Interest(MOVIES, 2, day_number(TODAY)),
+        Signal(MUSIC, 3, day_number(TODAY)),
+        Signal(MOVIES, 2, day_number(TODAY)),
     ]
 
 
@@ -150,14 +150,14 @@ def test_sensitive_or_non_interest_top_category_is_never_emitted(policy: Policy,
     privacy = _filter(policy)
     # Even with a confident model and a low sensitivity score, only the allowed category may pass.
     decision = privacy.decide(output([(top, 0.95), (MUSIC, 0.6)], sensitive=0.1), TODAY)
-    assert decision == [Interest(MUSIC, 3, day_number(TODAY))]
+    assert decision == [Signal(MUSIC, 3, day_number(TODAY))]
     alone = privacy.decide(output([(top, 0.99)], sensitive=0.1), TODAY)
     assert alone == Dropped("no_interest", None)
 
 
 def test_skipped_categories_do_not_count_against_max_signals(policy: Policy) -> None:
     decision = _filter(policy, max_signals=1).decide(output([("286", 0.9), ("305", 0.8), (DOGS, 0.7)]), TODAY)
-    assert decision == [Interest(DOGS, 3, day_number(TODAY))]
+    assert decision == [Signal(DOGS, 3, day_number(TODAY))]
 
 
 def test_drop_reasons_are_the_documented_set() -> None:
@@ -184,7 +184,7 @@ def test_weight_level_boundaries(probability: float, level: int) -> None:
 
 
 def test_interest_weight_is_level_over_four() -> None:
-    assert [Interest(MUSIC, n, 0).weight for n in (1, 2, 3, 4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [Signal(MUSIC, n, 0).weight for n in (1, 2, 3, 4)] == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_day_number() -> None:

@@ -22,9 +22,8 @@ from fault_proxy import ResponseDroppingProxy
 
 import sotto.edge.client as client_module
 from sotto.edge.client import RETRYABLE, STATUS_ACTIONS, DeletionStatus, DeliveryClient, deletion_state
-from sotto.edge.privacy import Interest
 from sotto.v1 import signals_pb2
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 from tools.harness import issue_tokens, start_server, stop_server
 from tools.paths import REPO
 
@@ -100,7 +99,7 @@ def test_a_batch_is_retried_or_set_aside_as_the_table_says(
     fake.codes = [code, code]
     client = DeliveryClient(PROFILE, "US", target=target, batch_size=1, backoff_s=0.001, max_attempts=4)
     try:
-        client.add([Interest(MUSIC, 4, DAY)])
+        client.add([Signal(MUSIC, 4, DAY)])
         assert client.flush() is True
         stats = client.outbox.stats()
         if code in RETRYABLE:
@@ -131,13 +130,13 @@ def test_a_deletion_whose_reply_was_lost_is_confirmed_by_the_revoked_token(tmp_p
                 PROFILE, "US", target=proxy.address, token=token, batch_size=1, backoff_s=0.01, max_attempts=1
             )
             try:
-                client.add([Interest(MUSIC, 4, DAY)])
+                client.add([Signal(MUSIC, 4, DAY)])
                 assert client.flush() is True
                 proxy._rate = 1.0  # the aggregator erases the profile; its reply never arrives
                 assert client.delete_profile() is DeletionStatus.PENDING
                 state = deletion_state(client.outbox)
                 assert state is not None and state.status is DeletionStatus.PENDING and state.attempts == 1
-                assert client.add([Interest(MUSIC, 4, DAY)]) == 0  # silent while pending
+                assert client.add([Signal(MUSIC, 4, DAY)]) == 0  # silent while pending
                 proxy._rate = 0.0
                 # The retry meets the revoked token: that proves the earlier attempt went through. (The
                 # channel may still be reconnecting after the cut: a few flushes, bounded.)

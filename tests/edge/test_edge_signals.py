@@ -8,10 +8,9 @@ import pytest
 from edge_testkit import DOGS, MOVIES, MUSIC, PROFILE, TODAY, load_allowlist
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from sotto.edge.privacy import Interest
 from sotto.edge.signals import MAX_DAY_OFFSET, encode_batch
 from sotto.v1 import signals_pb2
-from sotto.wire import TAXONOMY_VERSION, day_number
+from sotto.wire import TAXONOMY_VERSION, Signal, day_number
 
 DAY = day_number(TODAY)
 F = FieldDescriptor
@@ -59,15 +58,15 @@ def _all_fields() -> dict[str, FieldDescriptor]:
     return found
 
 
-def _interests(*days: int, category: str = MUSIC) -> list[Interest]:
-    return [Interest(category, 3, day) for day in days]
+def _interests(*days: int, category: str = MUSIC) -> list[Signal]:
+    return [Signal(category, 3, day) for day in days]
 
 
 # --- encode_batch ---------------------------------------------------------------------------------
 
 
 def test_encode_batch_sets_every_field() -> None:
-    interests = [Interest(MUSIC, 4, DAY - 2), Interest(MOVIES, 1, DAY), Interest(DOGS, 2, DAY - 30)]
+    interests = [Signal(MUSIC, 4, DAY - 2), Signal(MOVIES, 1, DAY), Signal(DOGS, 2, DAY - 30)]
     batch = encode_batch(PROFILE, "US", interests, batch_id=b"\x01" * 16)
 
     assert batch.batch_id == b"\x01" * 16
@@ -120,12 +119,12 @@ def test_encode_batch_rejects_offset_beyond_limit() -> None:
 @pytest.mark.parametrize("level", [0, 5])
 def test_encode_batch_rejects_weight_level_out_of_range(level: int) -> None:
     with pytest.raises(ValueError, match="weight level"):
-        encode_batch(PROFILE, "US", [Interest(MUSIC, level, DAY)])
+        encode_batch(PROFILE, "US", [Signal(MUSIC, level, DAY)])
 
 
 def test_twenty_signals_fit_in_twelve_bytes_each() -> None:
     three_digit = ["338", "324", "425", "424", "275", "664", "655", "551", "640", "216"]
-    interests = [Interest(three_digit[n % 10], n % 4 + 1, DAY) for n in range(20)]
+    interests = [Signal(three_digit[n % 10], n % 4 + 1, DAY) for n in range(20)]
     batch = encode_batch(PROFILE, "US", interests)
     assert len(batch.signals) == 20
     size = len(batch.SerializeToString())
@@ -134,7 +133,7 @@ def test_twenty_signals_fit_in_twelve_bytes_each() -> None:
 
 
 def test_signal_holds_only_id_level_and_offset() -> None:
-    batch = encode_batch(PROFILE, "US", [Interest(MUSIC, 4, DAY)])
+    batch = encode_batch(PROFILE, "US", [Signal(MUSIC, 4, DAY)])
     decoded = signals_pb2.SignalBatch.FromString(batch.SerializeToString())
     assert {f.name for f, _ in decoded.signals[0].ListFields()} == {"category_id", "weight_level"}
 

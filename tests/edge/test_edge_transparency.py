@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from edge_testkit import DOGS, MUSIC, PROFILE, TODAY, AggregatorThread
+from edge_testkit import DOGS, MUSIC, PROFILE, TODAY, AggregatorThread, run_edge
 
 from sotto.edge import Device, LdpOptions
 from sotto.edge.outbox import _SCHEMA, Outbox
 from sotto.edge.pipeline import EdgeModels
-from sotto.edge.privacy import DROP_REASONS, Interest
+from sotto.edge.privacy import DROP_REASONS
 from sotto.edge.transparency import DROP_REASON_TEXT, render_page, write_page
 from sotto.policy import Category, Policy, Taxonomy
 from sotto.server import ServerConfig
-from sotto.wire import day_number
+from sotto.wire import Signal, day_number
 from tools.browser import RenderedDom, dump_dom, png_size, screenshot
 
 COMMERCIAL = "book me a flight to paris for next week"
 SENSITIVE = "what are the side effects of my chemotherapy"
 NO_INTEREST = "set an alarm for 6 am"
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>\"'&amp; ]]>"
-
-
-def _edge(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sotto.edge", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tempfile.gettempdir(),
-        check=False,
-    )
 
 
 def _rendered(page: Path) -> RenderedDom:
@@ -98,7 +84,7 @@ def test_every_string_on_the_page_is_escaped(tmp_path: Path) -> None:
     """A hostile category name (from a taxonomy file) and a hostile id (from the database) show as text."""
     taxonomy = Taxonomy({"666": Category("666", HOSTILE, None, HOSTILE)})
     with Outbox(tmp_path / "outbox.db") as box:
-        box.add("US", [Interest("666", 4, day_number(TODAY)), Interest(MUSIC, 2, day_number(TODAY))])
+        box.add("US", [Signal("666", 4, day_number(TODAY)), Signal(MUSIC, 2, day_number(TODAY))])
         box.seal(PROFILE, batch_size=2)
         (batch,) = box.batches()
         box.acknowledge(batch.batch_id)
@@ -163,11 +149,11 @@ def test_a_ledger_written_before_epsilon_was_kept_says_so(tmp_path: Path, policy
 def test_ledger_html_from_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
-        box.add("US", [Interest(MUSIC, 4, day_number(TODAY))])
+        box.add("US", [Signal(MUSIC, 4, day_number(TODAY))])
         box.seal(PROFILE, batch_size=1)
         box.acknowledge(box.batches()[0].batch_id)
     page = tmp_path / "wearer.html"
-    proc = _edge("ledger", "--outbox", str(path), "--html", str(page))
+    proc = run_edge("ledger", "--outbox", str(path), "--html", str(page))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {page}"
     text = _rendered(page).visible_text
@@ -180,7 +166,7 @@ def test_ledger_html_from_the_command_line(tmp_path: Path) -> None:
 def test_ledger_html_of_a_device_that_never_sent_creates_no_outbox(tmp_path: Path) -> None:
     path = tmp_path / "none" / "outbox.db"
     page = tmp_path / "page.html"
-    proc = _edge("ledger", "--outbox", str(path), "--html", str(page))
+    proc = run_edge("ledger", "--outbox", str(path), "--html", str(page))
     assert proc.returncode == 0, proc.stderr
     assert not path.parent.exists() and "Nothing has been sent" in page.read_text(encoding="utf-8")
 
@@ -188,13 +174,13 @@ def test_ledger_html_of_a_device_that_never_sent_creates_no_outbox(tmp_path: Pat
 @pytest.mark.parametrize("extra", [["--json"], ["--clear"]])
 def test_ledger_html_refuses_other_modes(tmp_path: Path, extra: list[str]) -> None:
     page = tmp_path / "page.html"
-    proc = _edge("ledger", "--outbox", str(tmp_path / "o.db"), "--html", str(page), *extra)
+    proc = run_edge("ledger", "--outbox", str(tmp_path / "o.db"), "--html", str(page), *extra)
     assert proc.returncode == 2 and "--html cannot be combined" in proc.stderr
     assert not page.exists()
 
 
 def test_ledger_html_into_a_folder_is_an_error(tmp_path: Path) -> None:
-    proc = _edge("ledger", "--outbox", str(tmp_path / "o.db"), "--html", str(tmp_path))
+    proc = run_edge("ledger", "--outbox", str(tmp_path / "o.db"), "--html", str(tmp_path))
     assert proc.returncode == 2 and "is a folder" in proc.stderr
 
 

@@ -30,10 +30,10 @@ from aggregator_testkit import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sotto.edge.client import DeletionStatus, DeliveryClient, TlsOptions
-from sotto.edge.privacy import Interest
 from sotto.server import ServerConfig, ServerTls, create_server, open_store
 from sotto.server.config import is_loopback
 from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.wire import Signal
 from tools.harness import ThrowawayCA
 
 Metadata = tuple[tuple[str, str], ...] | None
@@ -312,10 +312,10 @@ def test_device_client_sends_its_token_over_tls_and_deletes_its_profile(
                 batch_size=1,
             )
             try:
-                client.add([Interest(MUSIC, 4, TODAY_DAY), Interest(MUSIC, 2, TODAY_DAY)])
+                client.add([Signal(MUSIC, 4, TODAY_DAY), Signal(MUSIC, 2, TODAY_DAY)])
                 assert await asyncio.to_thread(client.flush) is True
                 assert client.stats.batches_sent == 2
-                client.add([Interest(MUSIC, 1, TODAY_DAY)])  # queued, never sent: the wearer deletes first
+                client.add([Signal(MUSIC, 1, TODAY_DAY)])  # queued, never sent: the wearer deletes first
                 assert await asyncio.to_thread(client.delete_profile) is DeletionStatus.ERASED
                 assert client.pending_batches == 0
             finally:
@@ -332,7 +332,7 @@ def test_device_client_sets_aside_batches_the_server_refuses_for_its_credential(
         async with running(f"sqlite:///{db_path}", auth_config) as r:
             client = DeliveryClient(PROFILE, "US", target=f"127.0.0.1:{r.port}", token="sotto_wrong")
             try:
-                client.add([Interest(MUSIC, 4, TODAY_DAY)])
+                client.add([Signal(MUSIC, 4, TODAY_DAY)])
                 assert await asyncio.to_thread(client.flush) is True
                 # Refused for good: set aside and counted, never resent (a retry could not succeed).
                 assert client.pending_batches == 0
@@ -439,7 +439,7 @@ def test_device_client_retries_a_rate_limited_batch_with_backoff(
                 backoff_s=0.05,
             )
             try:
-                client.add([Interest(MUSIC, level, TODAY_DAY) for level in (1, 2, 3, 4)])
+                client.add([Signal(MUSIC, level, TODAY_DAY) for level in (1, 2, 3, 4)])
                 assert await asyncio.to_thread(client.flush) is True
                 # The burst of one let the first batch through; the others met RESOURCE_EXHAUSTED, stayed
                 # queued and went through on a later attempt.

@@ -1,4 +1,5 @@
-"""tools/bench.py: every benchmark runs in its smoke size and writes a well-formed result.
+"""tools/bench (``python -m tools.bench``): every benchmark runs in its smoke size and writes a
+well-formed result.
 
 These are CI's smoke check of the benchmark suite. They never assert a timing (CI machines are slow and
 shared); they check that each benchmark runs end to end through its real processes and that its JSON has

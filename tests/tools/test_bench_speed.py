@@ -1,4 +1,4 @@
-"""tools/bench_speed.py (``python -m tools.bench speed``): the smoke run measures every figure side by side
+"""tools/bench/speed.py (``python -m tools.bench speed``): the smoke run measures every figure side by side
 and writes a well-formed result and its plot. No timing is asserted (CI machines are slow and shared)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tools.bench_speed import TARGETS, validate
+from tools.bench.speed import TARGETS, validate
 from tools.paths import REPO, child_env
 
 pytestmark = pytest.mark.bench

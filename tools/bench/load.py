@@ -1,12 +1,12 @@
 """Load generator for the aggregator benchmark: many emulated devices calling Ingest over grpc.aio.
 
-    python -m tools.bench_load --target 127.0.0.1:50051 --tokens tokens.json --devices 100 --duration 10
+    python -m tools.bench load --target 127.0.0.1:50051 --tokens tokens.json --devices 100 --duration 10
 
-It runs in a process of its own (``tools/bench.py aggregator`` starts it next to a ``sotto-server``
-process), so the server's event loop never shares a GIL with the load. Each device is a task that
-sends one batch, waits for the answer, and sends the next (a closed loop); concurrency is therefore the
-number of devices. Prints one JSON object on stdout: calls, signals, errors by status, and the Ingest
-latencies seen by the devices.
+It runs in a process of its own (the ``aggregator`` and ``scale`` benchmarks start it next to a
+``sotto-server`` process), so the server's event loop never shares a GIL with the load. Each device is a
+task that sends one batch, waits for the answer, and sends the next (a closed loop); concurrency is
+therefore the number of devices. Prints one JSON object on stdout: calls, signals, errors by status, and
+the Ingest latencies seen by the devices.
 
 Requests are serialised once per device and only the 16 batch-id bytes are replaced for each call: the
 load generator shares the machine's cores with the server, and every microsecond it spends building
@@ -30,12 +30,9 @@ from typing import Any
 
 import grpc
 
-from sotto.edge.privacy import Interest
 from sotto.edge.signals import encode_batch
 from sotto.policy import Policy
-from sotto.wire import day_number
-
-ROOT = Path(__file__).resolve().parents[1]
+from sotto.wire import Signal, day_number
 
 INGEST = "/sotto.v1.SignalAggregator/Ingest"
 BATCH_ID_BYTES = 16
@@ -49,7 +46,7 @@ def batch_template(profile_id: str, size: int, rng: random.Random, policy: Polic
     """
     today = day_number(dt.datetime.now(dt.UTC).date())
     interests = [
-        Interest(rng.choice(sorted(policy.interest_ids)), rng.randint(1, 4), today - rng.choice((0, 0, 0, 1)))
+        Signal(rng.choice(sorted(policy.interest_ids)), rng.randint(1, 4), today - rng.choice((0, 0, 0, 1)))
         for _ in range(size)
     ]
     marker = b"\x00" * BATCH_ID_BYTES
@@ -171,7 +168,9 @@ async def run_load(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.bench load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", required=True, help="aggregator HOST:PORT")
     parser.add_argument("--tokens", required=True, type=Path, help="JSON {profile_id: token}")
@@ -215,7 +214,3 @@ def main(argv: list[str] | None = None) -> int:
     json.dump(report, sys.stdout)
     sys.stdout.write("\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

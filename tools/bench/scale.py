@@ -4,8 +4,9 @@
     python -m tools.bench scale --db sharded=plproxy://... --workers 1,2,4    # any store URL
 
 For every store and every worker count it starts ``sotto-server serve --workers W`` with merged metrics,
-drives it with ``tools.bench_load`` in closed loops (each device sends its next batch when the last is
-answered) over enough HTTP/2 connections for the kernel to spread them over the workers, and measures:
+drives it with the load generator (``tools.bench load``) in closed loops (each device sends its next
+batch when the last is answered) over enough HTTP/2 connections for the kernel to spread them over the
+workers, and measures:
 
 - signals/s as the devices saw them (the load generator shares the machine's cores with the server, so
   on a small machine this is the machine's figure, not the server's);
@@ -23,22 +24,14 @@ afterwards); ``--db LABEL=URL`` benchmarks any store URL ``sotto-server serve --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tools.harness import issue_tokens, start_server, stop_server
-from tools.paths import child_env
+from tools.bench.servers import cpu_seconds, fresh_store, process_tree, run_load, scrape, serve, write_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
 #: HTTP/2 connections per worker: the kernel hands each new connection to one worker (SO_REUSEPORT
 #: hashes the 4-tuple), so a few per worker keep the spread even.
 CONNECTIONS_PER_WORKER = 8
@@ -91,154 +84,25 @@ def parse_db(text: str) -> tuple[str, str]:
     return label, url
 
 
-# --- processes ------------------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc); 0 for a process that is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its children (the workers of ``serve --workers``), from /proc."""
-    tree = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == pid:
-                tree.append(int(entry))
-    return tree
-
-
-@contextmanager
-def fresh_store(store: str, postgres_url: str | None, folder: Path) -> Iterator[str]:
-    """A URL of an empty store of kind ``store`` (SQLite file in ``folder``, or a scratch schema)."""
-    if store == "sqlite":
-        yield f"sqlite:///{folder / 'bench.db'}"
-        return
-    base = (
-        postgres_url
-        or os.environ.get("SOTTO_BENCH_POSTGRES_URL")
-        or os.environ.get("SOTTO_TEST_POSTGRES_URL")
-    )
-    if not base:
-        raise SystemExit(
-            "bench: --store postgresql needs --postgres-url (or $SOTTO_BENCH_POSTGRES_URL, "
-            "$SOTTO_TEST_POSTGRES_URL); bash tools/postgres.sh prints one for the local server"
-        )
-    from sotto.server.store.postgres import scratch_schema
-
-    with scratch_schema(base, prefix="bench") as url:
-        yield url
-
-
-@contextmanager
-def serve(url: str, workers: int, devices: int) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
-    """``sotto-server serve --workers W`` on a free loopback port: the process, target and metrics URL.
-
-    On leaving, SIGTERM and the exit code are checked: a benchmark whose server did not stop cleanly
-    fails rather than publish figures.
-    """
-    proc, target = start_server(
-        url,
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--workers",
-        str(workers),
-        "--log-level",
-        "WARNING",
-        # One device here stands for a busy gateway: the per-device limit (1/s) is not under test.
-        "--rate-per-second",
-        "1000000",
-        "--rate-burst",
-        "1000000",
-        "--max-concurrent-rpcs",
-        str(max(1000, devices * 10)),
-    )
-    try:
-        # Printed right after "listening on", so it may already sit in the pipe's read buffer, where
-        # select would not see it: read it directly.
-        assert proc.stdout is not None
-        metrics = re.fullmatch(r"metrics on (http://\S+/metrics)\n", proc.stdout.readline())
-        if not metrics:
-            raise SystemExit("bench: unexpected output from sotto-server serve")
-        yield proc, target, metrics.group(1)
-        proc.terminate()
-        code = proc.wait(timeout=60)
-        if code != 0:
-            raise SystemExit(
-                f"bench: the aggregator exited {code}: {proc.stderr.read() if proc.stderr else ''}"
-            )
-    finally:
-        stop_server(proc)
-
-
-def scrape(url: str) -> tuple[float, dict[str, float]]:
-    """(signals merged so far, calls answered per worker pid) from the server's merged metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=30) as reply:
-        text = reply.read().decode()
-    signals, calls = 0.0, {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "sotto_signals_total":
-                signals = sample.value
-            elif sample.name == "sotto_process_calls":
-                calls[sample.labels.get("pid", "single")] = sample.value
-    return signals, calls
-
-
-def _load(target: str, tokens: Path, workers: int, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
-    """Run the load generator to completion: its report and its own CPU-seconds."""
-    command = [
-        sys.executable,
-        "-m",
-        "tools.bench_load",
-        "--target",
-        target,
-        "--tokens",
-        str(tokens),
-        "--batch-size",
-        str(args.batch_size),
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--channels",
-        # Devices are spread over the connections in turn: a connection without a device carries nothing.
-        str(min(CONNECTIONS_PER_WORKER * workers, args.devices)),
-    ]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"bench: the load generator failed:\n{err.read()}")
-        out.seek(0)
-        return json.loads(out.read()), usage.ru_utime + usage.ru_stime
-
-
 def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """One server with ``workers`` processes on ``url``, one closed-loop load run against it."""
     tokens = folder / f"tokens-{label}-{workers}.json"
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", label)[:40]
     profiles = [f"bench-{stem}-{workers}-{n:05d}" for n in range(args.devices)]
-    tokens.write_text(issue_tokens(url, *profiles))
-    with serve(url, workers, args.devices) as (proc, target, metrics):
+    write_tokens(url, profiles, tokens)
+    # Devices are spread over the connections in turn: a connection without a device carries nothing.
+    channels = str(min(CONNECTIONS_PER_WORKER * workers, args.devices))
+    with serve(url, args.devices, workers) as (proc, target, metrics):
         load_before = os.getloadavg()[0]
         tree = process_tree(proc.pid)
         signals_before, _ = scrape(metrics)
         cpu_before = sum(cpu_seconds(pid) for pid in tree)
-        report, load_cpu_s = _load(target, tokens, workers, args)
+        report, load_cpu_s = run_load(
+            target,
+            tokens,
+            *("--batch-size", str(args.batch_size), "--duration", str(args.duration)),
+            *("--warmup", str(args.warmup), "--channels", channels),
+        )
         cpu_s = sum(cpu_seconds(pid) for pid in tree) - cpu_before
         signals_after, calls = scrape(metrics)
     served = signals_after - signals_before
@@ -262,7 +126,7 @@ def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder
     }
 
 
-def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Runner of ``python -m tools.bench scale``: (config, results) for ``tools.bench``."""
     try:
         counts = parse_workers(args.workers)
@@ -295,38 +159,9 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
         "connections_per_worker": CONNECTIONS_PER_WORKER,
         "cpu": "server_cpu_s: user+system seconds of the serve parent and all its workers (/proc), over "
         "warm-up and measured window; per 10^4 of the signals the server counted in that window",
-        "load": "tools.bench_load in a process of its own on the same machine, closed loops",
+        "load": "tools.bench load in a process of its own on the same machine, closed loops",
     }
     return config, {"runs": runs}
-
-
-def validate(results: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``results`` has the shape ``bench_scale`` writes."""
-    runs = results.get("runs")
-    if not isinstance(runs, list) or not runs:
-        raise ValueError("runs: expected a non-empty list")
-    for n, run in enumerate(runs):
-        if not isinstance(run, dict) or not isinstance(run.get("store"), str):
-            raise ValueError(f"runs[{n}].store: expected a string")
-        for key in (
-            "workers",
-            "calls",
-            "signals_per_s",
-            "server_signals",
-            "server_cpu_s",
-            "server_cpu_s_per_1e4_signals",
-            "load_generator_cpu_s",
-        ):
-            value = run.get(key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-                raise ValueError(f"runs[{n}].{key}: expected a finite number >= 0, got {value!r}")
-        if run["workers"] < 1:
-            raise ValueError(f"runs[{n}].workers: expected at least 1")
-        spread = run.get("calls_per_worker")
-        if not isinstance(spread, list) or len(spread) != run["workers"]:
-            raise ValueError(f"runs[{n}].calls_per_worker: expected one count per worker")
-        if not isinstance(run.get("errors"), dict):
-            raise ValueError(f"runs[{n}].errors: expected an object")
 
 
 def table(document: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

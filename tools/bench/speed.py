@@ -39,6 +39,9 @@ from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from sotto.edge.signals import encode_batch
 from sotto.edge.stream import FRAME_BYTES, UtteranceStream, audio_to_pcm
 from tools.asr_eval import Spoken, corpus_wer, real_clips
+from tools.bench import edge_memory
+from tools.bench.results import check_targets
+from tools.bench.speech import PROFILE_ID, synthetic
 
 #: Targets of the speed work, by figure: (description, comparison, bound).
 TARGETS = {
@@ -55,12 +58,10 @@ DIGITS = 4
 
 def timed_utterances(smoke: bool, folder: Path) -> list[tuple[str, Spoken]]:
     """(kind, utterance): synthetic queries of 2/5/10 s, then the real clips."""
-    from tools import bench
-
     lengths = [5.0] if smoke else [2.0, 5.0, 10.0]
     out = []
     for seconds in lengths:
-        u = bench.synthetic(seconds, folder)
+        u = synthetic(seconds, folder)
         out.append(("synthetic", Spoken(u.label, u.audio, u.reference)))
     clips = real_clips(limit_per_folder=1 if smoke else None)
     digits = [c for c in clips if "fsdd" in c.label]
@@ -84,7 +85,7 @@ def _bare(model: Any, spoken: Spoken, options: AsrOptions) -> str:
 def _pipeline(pipeline: Pipeline, spoken: Spoken) -> str:
     analysis = pipeline.analyze_audio(spoken.audio, label=spoken.label, today=DAY)
     if analysis.signals:
-        encode_batch("bench-profile-0001", pipeline.region, analysis.signals).SerializeToString()
+        encode_batch(PROFILE_ID, pipeline.region, analysis.signals).SerializeToString()
     return analysis.transcript or ""
 
 
@@ -96,7 +97,7 @@ def _end_of_speech(pipeline: Pipeline, pcm: bytes) -> float | None:
         done = stream.push(pcm[start : start + FRAME_BYTES], today=DAY)
         if done:
             if done[0].signals:
-                encode_batch("bench-profile-0001", pipeline.region, done[0].signals).SerializeToString()
+                encode_batch(PROFILE_ID, pipeline.region, done[0].signals).SerializeToString()
             return (time.perf_counter() - t0) * 1000
     return None
 
@@ -179,29 +180,10 @@ def measure(repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
 
 def memory(smoke: bool) -> dict[str, Any]:
     """Model load and peak RSS from ``tools.bench edge-memory``'s fresh-process probe (50 utterances)."""
-    from tools import bench
-
     args = argparse.Namespace(smoke=smoke, queries=50)
-    _config, results = bench.bench_edge_memory(args)
+    _config, results = edge_memory.run(args)
     results.pop("figures", None)
     return results
-
-
-def check(figures: dict[str, float]) -> list[dict[str, Any]]:
-    out = []
-    for key, (description, op, bound) in TARGETS.items():
-        value = figures[key]
-        met = value <= bound if op == "<=" else value >= bound
-        out.append(
-            {
-                "figure": key,
-                "description": description,
-                "value": value,
-                "target": f"{op} {bound:g}",
-                "met": met,
-            }
-        )
-    return out
 
 
 def run(repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
@@ -225,7 +207,7 @@ def run(repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
         "threads": threads,
         "repeats": 1 if smoke else repeats,
         "figures": figures,
-        "targets": check(figures),
+        "targets": check_targets(figures, TARGETS),
         "memory": mem,
         "fallbacks": speed["fallbacks"],
         "clip_wer": speed["clip_wer"],
@@ -328,7 +310,3 @@ def main(argv: list[str] | None = None) -> int:
     plot(document, args.plots or args.out)
     print_table(document)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Measure the device outbox: the cost of a durable add, and the disk it takes when full.
 
-    python -m tools.bench_outbox            # prints JSON; the README's outbox figures come from here
+    python -m tools.bench outbox            # prints JSON; the README's outbox figures come from here
 
 A durable add is one SQLite transaction with a rollback journal and synchronous=FULL (the journal and
 the database synced, the journal deleted); the full outbox is the default bound (1,000 batches of 20
@@ -18,10 +18,7 @@ import time
 from pathlib import Path
 
 from sotto.edge.outbox import Outbox, OutboxLimits
-from sotto.edge.privacy import Interest
-from sotto.wire import day_number
-
-ROOT = Path(__file__).resolve().parents[1]
+from sotto.wire import Signal, day_number
 
 CATEGORIES = ["338", "324", "425", "424", "275", "551", "632"]
 
@@ -32,7 +29,9 @@ def _disk(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.bench outbox",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--adds", type=int, default=200, help="durable adds to time (default: 200)")
     args = parser.parse_args(argv)
@@ -46,15 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             timings = []
             for i in range(args.adds):
                 started = time.perf_counter()
-                box.add("US", [Interest(CATEGORIES[i % len(CATEGORIES)], 1 + i % 4, day)])
+                box.add("US", [Signal(CATEGORIES[i % len(CATEGORIES)], 1 + i % 4, day)])
                 timings.append((time.perf_counter() - started) * 1000)
             box.purge()
             # Fill to the bound: 1,000 batches of 20 signals (and 20 more, which push the oldest out).
             batch = 20
             for _ in range(limits.max_batches + 1):
-                box.add(
-                    "US", [Interest(CATEGORIES[j % len(CATEGORIES)], 1 + j % 4, day) for j in range(batch)]
-                )
+                box.add("US", [Signal(CATEGORIES[j % len(CATEGORIES)], 1 + j % 4, day) for j in range(batch)])
                 box.seal("bench-device-0001", batch)
             stats = box.stats()
             full = _disk(path)
