@@ -1,7 +1,8 @@
 """Benchmark ``scale``: aggregator throughput and server CPU per signal for 1 and N worker processes.
 
     python -m tools.bench scale --store sqlite --store postgresql --workers 1,2
-    python -m tools.bench scale --db sharded=plproxy://... --workers 1,2,4    # any store URL
+    python -m tools.bench scale --store sharded --shards 1,2,4 --workers 1,2  # fresh PL/Proxy clusters
+    python -m tools.bench scale --db given=plproxy://... --workers 1,2,4      # any store URL
 
 For every store and every worker count it starts ``sotto-server serve --workers W`` with merged metrics,
 drives it with ``tools.bench_load`` in closed loops (each device sends its next batch when the last is
@@ -16,8 +17,11 @@ answered) over enough HTTP/2 connections for the kernel to spread them over the 
 - how the calls were spread over the workers (``sotto_process_calls`` per worker pid).
 
 ``--store sqlite|postgresql`` benchmarks a fresh database (a scratch schema for PostgreSQL, dropped
-afterwards); ``--db LABEL=URL`` benchmarks any store URL ``sotto-server serve --db`` accepts, as it is
-(tokens and batches are written into it). Runs are sequential, so workers never compete with another run.
+afterwards); ``--store sharded`` a fresh PL/Proxy cluster of each of ``--shards`` shard databases, and
+reports besides the **database CPU-seconds per 10^4 signals**, proxy and shards apart
+(``tools.bench_shards``); ``--db LABEL=URL`` benchmarks any store URL ``sotto-server serve --db``
+accepts, as it is (tokens and batches are written into it). Runs are sequential, so workers never
+compete with another run.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tools import bench_shards
 from tools.harness import issue_tokens, start_server, stop_server
 from tools.paths import child_env
 
@@ -42,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: HTTP/2 connections per worker: the kernel hands each new connection to one worker (SO_REUSEPORT
 #: hashes the 4-tuple), so a few per worker keep the spread even.
 CONNECTIONS_PER_WORKER = 8
-STORE_NAMES = ("sqlite", "postgresql")
+STORE_NAMES = ("sqlite", "postgresql", "sharded")
 
 
 def add_arguments(parser: argparse.ArgumentParser, load_options: bool = True) -> None:
@@ -70,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser, load_options: bool = True) ->
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--postgres-url", help="PostgreSQL server (a fresh schema is used and dropped)")
+    bench_shards.add_arguments(parser)
 
 
 def parse_workers(text: str) -> list[int]:
@@ -227,8 +233,16 @@ def _load(target: str, tokens: Path, workers: int, args: argparse.Namespace) -> 
         return json.loads(out.read()), usage.ru_utime + usage.ru_stime
 
 
-def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """One server with ``workers`` processes on ``url``, one closed-loop load run against it."""
+def run_one(
+    label: str,
+    url: str,
+    workers: int,
+    args: argparse.Namespace,
+    folder: Path,
+    databases: list[bench_shards.Database] | None = None,
+) -> dict[str, Any]:
+    """One server with ``workers`` processes on ``url``, one closed-loop load run against it; with
+    ``databases`` (a fresh sharded cluster's), their PostgreSQL CPU time over the same window."""
     tokens = folder / f"tokens-{label}-{workers}.json"
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", label)[:40]
     profiles = [f"bench-{stem}-{workers}-{n:05d}" for n in range(args.devices)]
@@ -236,13 +250,19 @@ def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder
     with serve(url, workers, args.devices) as (proc, target, metrics):
         load_before = os.getloadavg()[0]
         tree = process_tree(proc.pid)
+        database_cpu = bench_shards.DatabaseCpu(databases) if databases else None
         signals_before, _ = scrape(metrics)
+        if database_cpu:
+            database_cpu.start()
         cpu_before = sum(cpu_seconds(pid) for pid in tree)
         report, load_cpu_s = _load(target, tokens, workers, args)
         cpu_s = sum(cpu_seconds(pid) for pid in tree) - cpu_before
+        if database_cpu:
+            database_cpu.stop()
         signals_after, calls = scrape(metrics)
+        load_after = os.getloadavg()[0]
     served = signals_after - signals_before
-    return {
+    run = {
         "store": label,
         "workers": workers,
         "devices": report["devices"],
@@ -259,7 +279,12 @@ def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder
         "load_generator_cpu_s": load_cpu_s,
         "calls_per_worker": sorted(calls.values(), reverse=True),
         "load_average_1m_before": load_before,
+        "load_average_1m_after": load_after,
     }
+    if database_cpu:
+        run["shards"] = sum(1 for db in databases or [] if db.role == "shard")
+        run["database"] = database_cpu.report(served)
+    return run
 
 
 def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -267,9 +292,13 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     try:
         counts = parse_workers(args.workers)
         extra = [parse_db(text) for text in args.db]
+        stores = args.store or ([] if extra else ["sqlite"])
+        shard_counts: list[int] = []
+        if "sharded" in stores:
+            shard_counts = bench_shards.parse_shards(args.shards)
+            proxy_url, shard_urls = bench_shards.servers(args)
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}") from None
-    stores = args.store or ([] if extra else ["sqlite"])
     if args.smoke:
         # Enough devices to keep every connection busy (they are spread over the connections in turn).
         devices = CONNECTIONS_PER_WORKER * max(counts)
@@ -277,6 +306,14 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     runs = []
     with tempfile.TemporaryDirectory(prefix="sotto-bench-scale-") as tmp:
         for store in stores:
+            if store == "sharded":
+                for shards in shard_counts:
+                    for workers in counts:
+                        folder = Path(tmp) / f"sharded-{shards}-{workers}"
+                        folder.mkdir()
+                        with bench_shards.fresh_cluster(proxy_url, shard_urls, shards) as cluster:
+                            runs.append(run_one(store, cluster.url, workers, args, folder, cluster.databases))
+                continue
             for workers in counts:
                 folder = Path(tmp) / f"{store}-{workers}"
                 folder.mkdir()
@@ -288,6 +325,7 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     config = {
         "stores": [*stores, *(label for label, _ in extra)],
         "workers": counts,
+        **({"shards": shard_counts, "shard_servers": len(shard_urls)} if "sharded" in stores else {}),
         "devices": args.devices,
         "batch_size": args.batch_size,
         "duration_s": args.duration,
@@ -297,6 +335,14 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
         "warm-up and measured window; per 10^4 of the signals the server counted in that window",
         "load": "tools.bench_load in a process of its own on the same machine, closed loops",
     }
+    if "sharded" in stores:
+        config["database_cpu"] = (
+            "sharded runs: a fresh cluster per run, one scratch database (one partition) per shard "
+            "round-robin over the shard servers, a scratch proxy database; user+system seconds of each "
+            "database's client backends (/proc, sampled every "
+            f"{bench_shards.SAMPLE_INTERVAL_S} s) over the same window as server_cpu_s; background_cpu_s "
+            "is each server's background processes, shared with whatever else the server runs"
+        )
     return config, {"runs": runs}
 
 
@@ -327,6 +373,35 @@ def validate(results: dict[str, Any]) -> None:
             raise ValueError(f"runs[{n}].calls_per_worker: expected one count per worker")
         if not isinstance(run.get("errors"), dict):
             raise ValueError(f"runs[{n}].errors: expected an object")
+        if "database" in run:
+            _validate_database(run, f"runs[{n}]")
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < float("inf")
+
+
+def _validate_database(run: dict[str, Any], where: str) -> None:
+    """The database figures of a sharded run: one CPU time per shard, finite and not negative."""
+    shards, database = run.get("shards"), run["database"]
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"{where}.shards: expected a positive integer")
+    if not isinstance(database, dict):
+        raise ValueError(f"{where}.database: expected an object")
+    for key in (
+        "proxy_cpu_s",
+        "proxy_cpu_s_per_1e4_signals",
+        "shards_cpu_s_per_1e4_signals",
+        "db_cpu_s_per_1e4_signals",
+    ):
+        if not _finite(database.get(key)):
+            raise ValueError(f"{where}.database.{key}: expected a finite number >= 0")
+    per_shard = database.get("shard_cpu_s")
+    if not isinstance(per_shard, list) or len(per_shard) != shards or not all(map(_finite, per_shard)):
+        raise ValueError(f"{where}.database.shard_cpu_s: expected one CPU time >= 0 per shard")
+    background = database.get("background_cpu_s")
+    if not isinstance(background, dict) or not all(map(_finite, background.values())):
+        raise ValueError(f"{where}.database.background_cpu_s: expected CPU times >= 0 by server")
 
 
 def table(document: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -334,24 +409,33 @@ def table(document: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     rows = []
     for r in document["results"]["runs"]:
         spread = "/".join(f"{c:.0f}" for c in r["calls_per_worker"])
+        db = r.get("database")
         rows.append(
             [
                 r["store"],
+                str(r.get("shards", "-")),
                 str(r["workers"]),
                 f"{r['signals_per_s']:.0f}",
                 f"{r['server_cpu_s_per_1e4_signals']:.3f}",
+                f"{db['proxy_cpu_s_per_1e4_signals']:.3f}" if db else "-",
+                f"{db['shards_cpu_s_per_1e4_signals']:.3f}" if db else "-",
+                "/".join(f"{c:.1f}" for c in db["shard_cpu_s"]) if db else "-",
                 f"{r['server_cpu_s']:.1f}",
                 f"{r['load_generator_cpu_s']:.1f}",
                 spread,
-                f"{r['load_average_1m_before']:.2f}",
+                f"{r['load_average_1m_before']:.1f}-{r.get('load_average_1m_after', float('nan')):.1f}",
                 ", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0",
             ]
         )
     header = [
         "store",
+        "shards",
         "workers",
         "signals/s",
         "server CPU s / 10^4 signals",
+        "proxy DB CPU s / 10^4",
+        "shards DB CPU s / 10^4",
+        "CPU s per shard",
         "server CPU s",
         "load gen CPU s",
         "calls per worker",
