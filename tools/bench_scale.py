@@ -312,7 +312,9 @@ def bench_scale(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
                         folder = Path(tmp) / f"sharded-{shards}-{workers}"
                         folder.mkdir()
                         with bench_shards.fresh_cluster(proxy_url, shard_urls, shards) as cluster:
-                            runs.append(run_one(store, cluster.url, workers, args, folder, cluster.databases))
+                            run = run_one(store, cluster.url, workers, args, folder, cluster.databases)
+                            run["database"]["tables"] = cluster.tables()
+                            runs.append(run)
                 continue
             for workers in counts:
                 folder = Path(tmp) / f"{store}-{workers}"
@@ -402,6 +404,12 @@ def _validate_database(run: dict[str, Any], where: str) -> None:
     background = database.get("background_cpu_s")
     if not isinstance(background, dict) or not all(map(_finite, background.values())):
         raise ValueError(f"{where}.database.background_cpu_s: expected CPU times >= 0 by server")
+    tables = database.get("tables", {})
+    if not isinstance(tables, dict) or not all(
+        isinstance(sizes, dict) and _finite(sizes.get("rows")) and _finite(sizes.get("bytes"))
+        for sizes in tables.values()
+    ):
+        raise ValueError(f"{where}.database.tables: expected rows and bytes >= 0 per table")
 
 
 def table(document: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

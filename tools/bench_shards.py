@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+#: The tables of a partition that grow with the data (``ShardedRun.tables``).
+DATA_TABLES = ("batches", "profiles", "scores", "signal_counts")
 PROXY_ENV, SHARDS_ENV = "SOTTO_TEST_PLPROXY_URL", "SOTTO_TEST_SHARD_URLS"
 #: Seconds between two samples of /proc: a backend that ends mid-run loses at most this much CPU time
 #: (the store's pooled connections and PL/Proxy's connections to the partitions live through the run).
@@ -250,10 +252,33 @@ class DatabaseCpu:
 
 @dataclass(frozen=True, slots=True)
 class ShardedRun:
-    """A fresh cluster: its ``plproxy://`` URL and the databases it is made of."""
+    """A fresh cluster: its ``plproxy://`` URL, the databases it is made of, and the shards' URLs."""
 
     url: str
     databases: list[Database]
+    shard_urls: list[str]
+
+    def tables(self) -> dict[str, dict[str, int]]:
+        """Rows and bytes on disk (table, indexes and TOAST; ``pg_total_relation_size``) of each data
+        table, summed over the shards: what a stored batch, profile or score costs."""
+        import psycopg
+
+        totals = {table: {"rows": 0, "bytes": 0} for table in DATA_TABLES}
+        for url in self.shard_urls:
+            with psycopg.connect(url, autocommit=True) as conn:
+                schemas = conn.execute(
+                    "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%' ORDER BY nspname"
+                ).fetchall()
+                for (schema,) in schemas:
+                    for table in DATA_TABLES:
+                        name = f'"{schema}"."{table}"'
+                        row = conn.execute(
+                            f"SELECT count(*), pg_total_relation_size('{name}') FROM {name}"  # noqa: S608
+                        ).fetchone()
+                        assert row is not None
+                        totals[table]["rows"] += int(row[0])
+                        totals[table]["bytes"] += int(row[1])
+        return totals
 
 
 def _create_database(server_url: str, name: str) -> Database:
@@ -313,7 +338,7 @@ def fresh_cluster(proxy_url: str, shard_urls: Sequence[str], shards: int) -> Ite
             await create_cluster(url, shard_dbs, shards)
 
         asyncio.run(create())
-        yield ShardedRun(url, databases)
+        yield ShardedRun(url, databases, shard_dbs)
     finally:
         for server, name in reversed(created):
             try:

@@ -169,6 +169,10 @@ def test_scale_smoke_on_fresh_sharded_clusters(tmp_path: Path) -> None:
         assert database["db_cpu_s_per_1e4_signals"] == pytest.approx(
             (database["proxy_cpu_s"] + sum(database["shard_cpu_s"])) / run["server_signals"] * 1e4
         )
+        # Every batch the server counted is stored once, on one shard.
+        tables = database["tables"]
+        assert tables["batches"]["rows"] * run["batch_size"] == run["server_signals"]
+        assert tables["profiles"]["rows"] == run["devices"] and tables["batches"]["bytes"] > 0
         names += [
             where.rsplit(":", 1)[1] for where in database["proxy_databases"] + database["shard_databases"]
         ]
@@ -185,6 +189,7 @@ def test_scale_smoke_on_fresh_sharded_clusters(tmp_path: Path) -> None:
         lambda r: r["database"].update(db_cpu_s_per_1e4_signals=-1.0),
         lambda r: r.update(shards=0),
         lambda r: r["database"].update(background_cpu_s=[]),
+        lambda r: r["database"]["tables"]["batches"].update(rows=-1),
     ):
         broken = copy.deepcopy(document)
         breakage(broken["results"]["runs"][1])
