@@ -284,13 +284,15 @@ class ShardedRun:
 def _create_database(server_url: str, name: str) -> Database:
     import psycopg
 
+    from sotto.server.store.postgres import describe
+
     with psycopg.connect(server_url, autocommit=True) as conn:
         try:
             conn.execute(f'CREATE DATABASE "{name}"')
         except psycopg.errors.InsufficientPrivilege:
             raise SystemExit(
-                "bench: the shard servers' role may not create databases; bash tools/plproxy.sh "
-                "grants it (CREATEDB)"
+                f"bench: {describe(server_url)} may not create databases (CREATEDB): the scratch "
+                "databases of --store sharded need it; bash tools/plproxy.sh grants it"
             ) from None
     try:
         return locate(with_database(server_url, name))
@@ -310,6 +312,8 @@ def _drop_database(server_url: str, name: str) -> None:
 def fresh_cluster(proxy_url: str, shard_urls: Sequence[str], shards: int) -> Iterator[ShardedRun]:
     """A new cluster of ``shards`` shard databases (one partition each), handed out round-robin over
     ``shard_urls``, with a proxy database of its own on ``proxy_url``'s server; dropped afterwards."""
+    import psycopg
+
     from sotto.server.store.plproxy import create_cluster
 
     stem = f"sotto_bench_{uuid.uuid4().hex[:12]}"
@@ -318,8 +322,6 @@ def fresh_cluster(proxy_url: str, shard_urls: Sequence[str], shards: int) -> Ite
         proxy_db = f"{stem}_proxy"
         proxy = _create_database(proxy_url, proxy_db)
         created.append((proxy_url, proxy_db))
-        import psycopg
-
         with psycopg.connect(with_database(proxy_url, proxy_db), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION plproxy")
         databases = [replace(proxy, role="proxy")]

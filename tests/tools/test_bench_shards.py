@@ -215,3 +215,18 @@ def test_scale_sharded_without_servers_says_what_it_needs(tmp_path: Path) -> Non
     proc = run_bench("--smoke", "--out", str(tmp_path), "--store", "sharded", env=env)
     assert proc.returncode != 0 and "--proxy-url" in proc.stderr and "tools/plproxy.sh" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_scale_sharded_on_a_role_that_may_not_create_databases_says_so(tmp_path: Path) -> None:
+    # The test role of tools/postgres.sh has no CREATEDB: as a proxy server it is refused up front.
+    url = os.environ.get("SOTTO_TEST_POSTGRES_URL")
+    assert url, "$SOTTO_TEST_POSTGRES_URL must name the server of tools/postgres.sh"
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT rolcreatedb FROM pg_roles WHERE rolname = current_user").fetchone()
+    assert row == (False,)
+    proc = run_bench(
+        "--smoke", "--out", str(tmp_path), "--store", "sharded", "--shards", "1", "--proxy-url", url
+    )
+    assert proc.returncode != 0 and "may not create databases (CREATEDB)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
