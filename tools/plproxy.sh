@@ -2,8 +2,10 @@
 # PostgreSQL servers for the sharded-store tests, from Debian's packages: installs postgresql-15-plproxy,
 # creates (once) and starts two more clusters with pg_createcluster, data_shard_a and data_shard_b on
 # ports 5433 and 5434 (names that sort before "main", so that a script taking the last cluster of
-# pg_lsclusters, as tools/postgres.sh once did, still finds the main one), each with a role and database sotto_shard for the partitions, and on the cluster
-# tools/postgres.sh runs a database sotto_proxy with the plproxy extension, owned by a role sotto_proxy.
+# pg_lsclusters, as tools/postgres.sh once did, still finds the main one), each with a role and
+# database sotto_shard for the partitions (the role may create databases: the sharded benchmark's
+# scratch shards), and on the cluster tools/postgres.sh runs a database sotto_proxy with the plproxy
+# extension, owned by a role sotto_proxy.
 # That role is a superuser: PL/Proxy is an untrusted language, so only a superuser may create the proxy
 # functions (`sotto-server` creates them on start); the proxy database holds no profile data.
 # Prints the environment that tools/test.sh exports, one `NAME=VALUE` a line:
@@ -58,6 +60,8 @@ for spec in data_shard_a:5433 data_shard_b:5434; do
   fi
   for _ in $(seq 50); do sql "$port" postgres "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
   ensure_role_and_db "$port" sotto_shard sotto_shard ""
+  # `python -m tools.bench scale --store sharded` puts each shard of its clusters in a scratch database.
+  sql "$port" postgres "ALTER ROLE sotto_shard CREATEDB" >/dev/null
   shard_urls+=("postgresql://sotto_shard:sotto_shard@127.0.0.1:$port/sotto_shard")
   shard_clusters+=("$version/$name")
 done

@@ -264,3 +264,38 @@ def _validate_scale(results: dict[str, Any]) -> None:
             raise ValueError(f"runs[{n}].calls_per_worker: expected one count per worker")
         if not isinstance(run.get("errors"), dict):
             raise ValueError(f"runs[{n}].errors: expected an object")
+        if "database" in run:
+            _validate_database(run, f"runs[{n}]")
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < float("inf")
+
+
+def _validate_database(run: dict[str, Any], where: str) -> None:
+    """The database figures of a sharded run: one CPU time per shard, finite and not negative."""
+    shards, database = run.get("shards"), run["database"]
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"{where}.shards: expected a positive integer")
+    if not isinstance(database, dict):
+        raise ValueError(f"{where}.database: expected an object")
+    for key in (
+        "proxy_cpu_s",
+        "proxy_cpu_s_per_1e4_signals",
+        "shards_cpu_s_per_1e4_signals",
+        "db_cpu_s_per_1e4_signals",
+    ):
+        if not _finite(database.get(key)):
+            raise ValueError(f"{where}.database.{key}: expected a finite number >= 0")
+    per_shard = database.get("shard_cpu_s")
+    if not isinstance(per_shard, list) or len(per_shard) != shards or not all(map(_finite, per_shard)):
+        raise ValueError(f"{where}.database.shard_cpu_s: expected one CPU time >= 0 per shard")
+    background = database.get("background_cpu_s")
+    if not isinstance(background, dict) or not all(map(_finite, background.values())):
+        raise ValueError(f"{where}.database.background_cpu_s: expected CPU times >= 0 by server")
+    tables = database.get("tables", {})
+    if not isinstance(tables, dict) or not all(
+        isinstance(sizes, dict) and _finite(sizes.get("rows")) and _finite(sizes.get("bytes"))
+        for sizes in tables.values()
+    ):
+        raise ValueError(f"{where}.database.tables: expected rows and bytes >= 0 per table")

@@ -1,7 +1,8 @@
 """Benchmark ``scale``: aggregator throughput and server CPU per signal for 1 and N worker processes.
 
     python -m tools.bench scale --store sqlite --store postgresql --workers 1,2
-    python -m tools.bench scale --db sharded=plproxy://... --workers 1,2,4    # any store URL
+    python -m tools.bench scale --store sharded --shards 1,2,4 --workers 1,2  # fresh PL/Proxy clusters
+    python -m tools.bench scale --db given=plproxy://... --workers 1,2,4      # any store URL
 
 For every store and every worker count it starts ``sotto-server serve --workers W`` with merged metrics,
 drives it with the load generator (``tools.bench load``) in closed loops (each device sends its next
@@ -17,8 +18,11 @@ workers, and measures:
 - how the calls were spread over the workers (``sotto_process_calls`` per worker pid).
 
 ``--store sqlite|postgresql`` benchmarks a fresh database (a scratch schema for PostgreSQL, dropped
-afterwards); ``--db LABEL=URL`` benchmarks any store URL ``sotto-server serve --db`` accepts, as it is
-(tokens and batches are written into it). Runs are sequential, so workers never compete with another run.
+afterwards); ``--store sharded`` a fresh PL/Proxy cluster of each of ``--shards`` shard databases, and
+reports besides the **database CPU-seconds per 10^4 signals**, proxy and shards apart
+(``tools.bench.shards``); ``--db LABEL=URL`` benchmarks any store URL ``sotto-server serve --db``
+accepts, as it is (tokens and batches are written into it). Runs are sequential, so workers never
+compete with another run.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tools.bench import shards as sharding
 from tools.bench.servers import cpu_seconds, fresh_store, process_tree, run_load, scrape, serve, write_tokens
 
 #: HTTP/2 connections per worker: the kernel hands each new connection to one worker (SO_REUSEPORT
 #: hashes the 4-tuple), so a few per worker keep the spread even.
 CONNECTIONS_PER_WORKER = 8
-STORE_NAMES = ("sqlite", "postgresql")
+STORE_NAMES = ("sqlite", "postgresql", "sharded")
 
 
 def add_arguments(parser: argparse.ArgumentParser, load_options: bool = True) -> None:
@@ -63,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, load_options: bool = True) ->
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--postgres-url", help="PostgreSQL server (a fresh schema is used and dropped)")
+    sharding.add_arguments(parser)
 
 
 def parse_workers(text: str) -> list[int]:
@@ -84,8 +90,16 @@ def parse_db(text: str) -> tuple[str, str]:
     return label, url
 
 
-def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """One server with ``workers`` processes on ``url``, one closed-loop load run against it."""
+def run_one(
+    label: str,
+    url: str,
+    workers: int,
+    args: argparse.Namespace,
+    folder: Path,
+    databases: list[sharding.Database] | None = None,
+) -> dict[str, Any]:
+    """One server with ``workers`` processes on ``url``, one closed-loop load run against it; with
+    ``databases`` (a fresh sharded cluster's), their PostgreSQL CPU time over the same window."""
     tokens = folder / f"tokens-{label}-{workers}.json"
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", label)[:40]
     profiles = [f"bench-{stem}-{workers}-{n:05d}" for n in range(args.devices)]
@@ -95,7 +109,10 @@ def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder
     with serve(url, args.devices, workers) as (proc, target, metrics):
         load_before = os.getloadavg()[0]
         tree = process_tree(proc.pid)
+        database_cpu = sharding.DatabaseCpu(databases) if databases else None
         signals_before, _ = scrape(metrics)
+        if database_cpu:
+            database_cpu.start()
         cpu_before = sum(cpu_seconds(pid) for pid in tree)
         report, load_cpu_s = run_load(
             target,
@@ -104,9 +121,12 @@ def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder
             *("--warmup", str(args.warmup), "--channels", channels),
         )
         cpu_s = sum(cpu_seconds(pid) for pid in tree) - cpu_before
+        if database_cpu:
+            database_cpu.stop()
         signals_after, calls = scrape(metrics)
+        load_after = os.getloadavg()[0]
     served = signals_after - signals_before
-    return {
+    run = {
         "store": label,
         "workers": workers,
         "devices": report["devices"],
@@ -123,7 +143,12 @@ def run_one(label: str, url: str, workers: int, args: argparse.Namespace, folder
         "load_generator_cpu_s": load_cpu_s,
         "calls_per_worker": sorted(calls.values(), reverse=True),
         "load_average_1m_before": load_before,
+        "load_average_1m_after": load_after,
     }
+    if database_cpu:
+        run["shards"] = sum(1 for db in databases or [] if db.role == "shard")
+        run["database"] = database_cpu.report(served)
+    return run
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -131,9 +156,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         counts = parse_workers(args.workers)
         extra = [parse_db(text) for text in args.db]
+        stores = args.store or ([] if extra else ["sqlite"])
+        shard_counts: list[int] = []
+        if "sharded" in stores:
+            shard_counts = sharding.parse_shards(args.shards)
+            proxy_url, shard_urls = sharding.servers(args)
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}") from None
-    stores = args.store or ([] if extra else ["sqlite"])
     if args.smoke:
         # Enough devices to keep every connection busy (they are spread over the connections in turn).
         devices = CONNECTIONS_PER_WORKER * max(counts)
@@ -141,6 +170,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="sotto-bench-scale-") as tmp:
         for store in stores:
+            if store == "sharded":
+                for shards in shard_counts:
+                    for workers in counts:
+                        folder = Path(tmp) / f"sharded-{shards}-{workers}"
+                        folder.mkdir()
+                        with sharding.fresh_cluster(proxy_url, shard_urls, shards) as cluster:
+                            run = run_one(store, cluster.url, workers, args, folder, cluster.databases)
+                            run["database"]["tables"] = cluster.tables()
+                            runs.append(run)
+                continue
             for workers in counts:
                 folder = Path(tmp) / f"{store}-{workers}"
                 folder.mkdir()
@@ -152,6 +191,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     config = {
         "stores": [*stores, *(label for label, _ in extra)],
         "workers": counts,
+        **({"shards": shard_counts, "shard_servers": len(shard_urls)} if "sharded" in stores else {}),
         "devices": args.devices,
         "batch_size": args.batch_size,
         "duration_s": args.duration,
@@ -161,6 +201,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         "warm-up and measured window; per 10^4 of the signals the server counted in that window",
         "load": "tools.bench load in a process of its own on the same machine, closed loops",
     }
+    if "sharded" in stores:
+        config["database_cpu"] = (
+            "sharded runs: a fresh cluster per run, one scratch database (one partition) per shard "
+            "round-robin over the shard servers, a scratch proxy database; user+system seconds of each "
+            "database's client backends (/proc, sampled every "
+            f"{sharding.SAMPLE_INTERVAL_S} s) over the same window as server_cpu_s; background_cpu_s "
+            "is each server's background processes, shared with whatever else the server runs"
+        )
     return config, {"runs": runs}
 
 
@@ -169,24 +217,33 @@ def table(document: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     rows = []
     for r in document["results"]["runs"]:
         spread = "/".join(f"{c:.0f}" for c in r["calls_per_worker"])
+        db = r.get("database")
         rows.append(
             [
                 r["store"],
+                str(r.get("shards", "-")),
                 str(r["workers"]),
                 f"{r['signals_per_s']:.0f}",
                 f"{r['server_cpu_s_per_1e4_signals']:.3f}",
+                f"{db['proxy_cpu_s_per_1e4_signals']:.3f}" if db else "-",
+                f"{db['shards_cpu_s_per_1e4_signals']:.3f}" if db else "-",
+                "/".join(f"{c:.1f}" for c in db["shard_cpu_s"]) if db else "-",
                 f"{r['server_cpu_s']:.1f}",
                 f"{r['load_generator_cpu_s']:.1f}",
                 spread,
-                f"{r['load_average_1m_before']:.2f}",
+                f"{r['load_average_1m_before']:.1f}-{r.get('load_average_1m_after', float('nan')):.1f}",
                 ", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0",
             ]
         )
     header = [
         "store",
+        "shards",
         "workers",
         "signals/s",
         "server CPU s / 10^4 signals",
+        "proxy DB CPU s / 10^4",
+        "shards DB CPU s / 10^4",
+        "CPU s per shard",
         "server CPU s",
         "load gen CPU s",
         "calls per worker",
