@@ -18,11 +18,15 @@ class SpeechGateOptions:
     """Options for the speech gate (see faster_whisper.vad.VadOptions for the detector's own)."""
 
     threshold: float = 0.5
-    min_speech_ms: int = 250
+    #: A stretch above the threshold shorter than this is not speech. Quiet music crosses the threshold
+    #: for a single 32 ms window; a spoken digit ("three", "one") holds it for 100-250 ms, so a minimum
+    #: of 250 ms dropped a fifth of the single-word recordings of shared/data (BENCHMARKS.md).
+    min_speech_ms: int = 100
     min_silence_ms: int = 300
     speech_pad_ms: int = 200
-    #: Less detected speech than this in total means "no speech".
-    min_total_speech_ms: int = 300
+    #: Less detected speech than this in total (padding included) means "no speech". A recording cut
+    #: tightly around one short word has no room for padding: 0.25 s of it is a whole query.
+    min_total_speech_ms: int = 100
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ MODELS = models_dir()
 JFK_WAV = SPEECH / "asr_whisper_jfk" / "jfk.wav"
 LIBRISPEECH_FLAC = SPEECH / "asr_misc_librispeech" / "2412-153948-0000.flac"
 JFK_LINE = "ask not what your country can do for you"
+#: One spoken digit ("three"), 0.24 s, cut tightly: the shortest kind of query there is.
+SPOKEN_DIGIT_WAV = SPEECH / "asr_fsdd_digits" / "recordings" / "3_theo_0.wav"
 
 #: A fixed "today" for everything that takes a date, so results do not depend on the calendar.
 TODAY = dt.date(2026, 3, 1)

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from edge_testkit import JFK_WAV, chords
+from edge_testkit import JFK_WAV, SPOKEN_DIGIT_WAV, chords
 
 from sotto.edge.audio import SAMPLE_RATE, Audio, load_audio
+from sotto.edge.pipeline import Pipeline
 from sotto.edge.vad import SpeechGate, SpeechGateOptions
 
 
@@ -65,3 +66,35 @@ def test_min_total_speech_turns_short_speech_into_no_speech() -> None:
 
     assert result.segments  # speech was detected ...
     assert not result.has_speech  # ... but not enough of it to pass
+
+
+def test_quiet_music_crossing_the_threshold_for_a_moment_is_not_speech(speech_gate: SpeechGate) -> None:
+    # Soft chords make the detector cross its threshold for a single 32 ms window: only the minimum
+    # speech duration keeps that from reaching Whisper.
+    audio = Audio(chords(seconds_each=1.0, amplitude=0.03))
+    no_minimum = SpeechGate(SpeechGateOptions(min_speech_ms=0, min_total_speech_ms=0))
+    assert no_minimum.detect(audio).has_speech
+
+    result = speech_gate.detect(audio)
+
+    assert not result.has_speech and result.segments == []
+
+
+def test_one_short_spoken_word_is_speech(speech_gate: SpeechGate) -> None:
+    audio = load_audio(SPOKEN_DIGIT_WAV)
+    assert audio.duration_s < 0.3
+
+    result = speech_gate.detect(audio)
+
+    assert result.has_speech and result.speech is not None
+    # The gate's earlier minimums (250 ms of speech, 300 ms in total) dropped this recording.
+    earlier = SpeechGate(SpeechGateOptions(min_speech_ms=250, min_total_speech_ms=300))
+    assert not earlier.detect(audio).has_speech
+
+
+def test_a_one_word_query_reaches_asr_and_is_heard(pipeline: Pipeline) -> None:
+    analysis = pipeline.analyze_file(SPOKEN_DIGIT_WAV)
+
+    assert analysis.dropped is None or analysis.dropped.reason != "no_speech"
+    assert analysis.transcript is not None
+    assert analysis.transcript.strip(" .!").lower() in {"three", "3"}

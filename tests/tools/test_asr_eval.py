@@ -80,6 +80,17 @@ def test_smoke_run_writes_the_comparison(tmp_path: Path) -> None:
     changed = sum(r["bare_decision"] != r["pipeline_decision"] for r in queries)
     assert document["queries"]["changed_decisions"] == changed
     assert document["passes"]["clip_wer"] == (document["clips"]["delta_points"] <= 1.0)
+    # Each query is transcribed bare a second time, 0.1 s later: how much bare moves on its own.
+    shifted = document["queries"]["bare_shifted"]
+    assert shifted["count"] == len(queries)
+    assert all(r["bare_shifted"] is not None for r in queries)
+    assert shifted["changed_decisions"] == sum(
+        r["bare_decision"] != r["bare_shifted_decision"] for r in queries
+    )
+    agreement = document["queries"]["reference_agreement"]
+    for who in ("bare", "pipeline"):
+        assert agreement[who] == sum(r[f"{who}_decision"] == r["reference_decision"] for r in queries)
+    assert document["passes"]["decisions_vs_typed"] == (agreement["pipeline"] >= agreement["bare"] - 0.03)
     assert "real clips" in proc.stdout
     again = summarise(json.loads(out.read_text()))  # re-scoring stored transcripts gives the same figures
     assert again["clips"] == document["clips"] and again["queries"] == document["queries"]
