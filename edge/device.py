@@ -140,7 +140,9 @@ class Device:
         if any, and store what may leave. The next :meth:`listen` starts a new stream."""
         if self._stream is None:
             return None
-        result = self._stream.flush()
+        stream, self._stream = self._stream, None
+        with stream:
+            result = stream.flush()
         return None if result is None else self._keep(result)
 
     def hear_file(self, path: str | os.PathLike[str]) -> Analysis:
@@ -221,6 +223,9 @@ class Device:
         return write_page(self.outbox, self.models.policy.taxonomy, path)
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()  # its worker thread; speech still buffered is not analysed
+            self._stream = None
         self.client.close()
         self.outbox.close()
 

@@ -10,11 +10,14 @@ import datetime as dt
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sotto.edge.asr import AsrOptions, Transcriber
+import numpy as np
+
+from sotto.edge.asr import AsrOptions, Transcriber, Transcript
 from sotto.edge.audio import Audio, load_audio, probe_duration
 from sotto.edge.classifier import TextClassifier
 from sotto.edge.gazetteer import Gazetteer
@@ -93,6 +96,19 @@ class Analysis:
             ],
             "withheld_by_budget": self.withheld,
         }
+
+
+@dataclass(slots=True)
+class EarlyTranscript:
+    """A transcription started before its utterance was closed (``UtteranceStream`` starts one while it
+    waits to be sure the wearer has stopped): the speech-only audio it was started on, and its result to
+    come. :meth:`Pipeline.analyze_audio` uses it only when the closed utterance's speech is exactly the same
+    audio, so the analysis is the one a transcription at the close would give; ``used`` says whether it was.
+    """
+
+    speech: Audio
+    result: Future[Transcript]
+    used: bool = False
 
 
 class EdgeModels:
@@ -181,8 +197,16 @@ class Pipeline:
             return Analysis(label if label is not None else texts[0], None, [], gate)
         return self._classify(label if label is not None else texts[0], texts, day, {})
 
-    def analyze_audio(self, audio: Audio, label: str = "<pcm>", today: dt.date | None = None) -> Analysis:
-        """Run the whole chain on one utterance of 16 kHz mono audio."""
+    def analyze_audio(
+        self,
+        audio: Audio,
+        label: str = "<pcm>",
+        today: dt.date | None = None,
+        early: EarlyTranscript | None = None,
+    ) -> Analysis:
+        """Run the whole chain on one utterance of 16 kHz mono audio. ``early``: a transcription already
+        started on this utterance's speech, taken instead of transcribing again when the speech gate finds
+        exactly that speech here (the wearer's settings, the classifier and the filter are applied now)."""
         day = today or dt.datetime.now(dt.UTC).date()
         gate = self.filter.gate(self.region, day)
         if gate is not None:  # opted out or blocked region: the audio is not even looked at
@@ -196,7 +220,11 @@ class Pipeline:
         timings["vad"] = (t1 - t0) * 1000
         if not speech.has_speech or speech.speech is None:
             return Analysis(label, None, [], Dropped("no_speech", "no speech detected"), timings)
-        transcript = self.models.transcriber.transcribe(speech.speech)
+        if early is not None and np.array_equal(early.speech.samples, speech.speech.samples):
+            transcript = early.result.result()  # usually finished while the gate waited for the end
+            early.used = True
+        else:
+            transcript = self.models.transcriber.transcribe(speech.speech)
         timings["asr"] = (time.perf_counter() - t1) * 1000
         if not transcript.text:
             return Analysis(label, "", [], Dropped("no_speech", "no words recognised"), timings)

@@ -9,6 +9,16 @@ utterance is closed once ``end_silence_ms`` of non-speech follow speech (longer 
 :meth:`Pipeline.analyze_audio`, the same call an offline caller makes, so a recording streamed frame by
 frame gives the analysis the same recording gives offline.
 
+ASR starts before the close. Once ``min_silence_ms`` plus the padding of non-speech follow the speech,
+the gate's segments can no longer change unless the wearer speaks again, so the stream transcribes the
+speech so far on a worker thread (the device's spare core) while it waits out the rest of
+``end_silence_ms``. At the close, :meth:`Pipeline.analyze_audio` runs the gate on the closed utterance as
+always and takes that transcript only if the speech it finds is exactly the same audio; the wearer's
+settings, the classifier and the filter are applied at the close. If the wearer speaks again first, the
+early transcript is discarded (``early_discarded`` counts them: a transcription's worth of spare-core
+work each). The result is the offline one either way; what changes is that, at the end of speech, little
+or no ASR is left to do.
+
 Nothing is buffered while the wearer is opted out or the region is blocked: frames are dropped unread.
 """
 
@@ -16,12 +26,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from sotto.edge.audio import SAMPLE_RATE, Audio, AudioError, pcm16_to_audio
-from sotto.edge.pipeline import Analysis, Pipeline
+from sotto.edge.pipeline import Analysis, EarlyTranscript, Pipeline
 
 #: The detector's window and the context it sees of the window before (Silero VAD v5/v6 at 16 kHz).
 _WINDOW = 512
@@ -36,7 +47,10 @@ class UtteranceStream:
     Call :meth:`push` from the audio callback with frames of any size; it returns the analyses of the
     utterances that frame completed (usually none). :meth:`flush` ends the stream (button released,
     glasses taken off) and analyses what speech is still buffered. Memory is bounded: at most
-    ``lead_s`` of audio before speech and ``max_utterance_s`` of utterance are kept.
+    ``lead_s`` of audio before speech and ``max_utterance_s`` of utterance are kept. With ``early_asr``
+    (the default), transcription starts on a worker thread while the stream waits to be sure the wearer
+    has stopped (module docstring); call :meth:`close` (or use the stream as a context manager) to stop
+    that thread.
     """
 
     def __init__(
@@ -46,6 +60,7 @@ class UtteranceStream:
         end_silence_ms: int = 700,
         max_utterance_s: float = 30.0,
         lead_s: float = 1.0,
+        early_asr: bool = True,
     ) -> None:
         gate = pipeline.models.config.speech_gate
         if end_silence_ms < gate.min_silence_ms + gate.speech_pad_ms:
@@ -63,6 +78,15 @@ class UtteranceStream:
         self._max_samples = int(max_utterance_s * SAMPLE_RATE)
         self._lead = int(lead_s * SAMPLE_RATE) // _WINDOW * _WINDOW
         self._session: Any = None  # the detector's ONNX Runtime session, loaded with the gate
+        settled = (gate.min_silence_ms + gate.speech_pad_ms) * SAMPLE_RATE // 1000
+        self._early_at = settled if early_asr and settled < self._end_silence else None
+        self._worker: ThreadPoolExecutor | None = None
+        self._early: EarlyTranscript | None = None
+        self._early_started = False
+        #: Early transcripts the close took, and those thrown away (the wearer spoke again, or the speech
+        #: at the close was not the same audio).
+        self.early_used = 0
+        self.early_discarded = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -73,11 +97,17 @@ class UtteranceStream:
         self._context = np.zeros(_CONTEXT, dtype=np.float32)
         self._speaking = False
         self._silence = 0  # samples of non-speech since the speech last stopped
+        self._discard_early()
 
     @property
     def in_speech(self) -> bool:
         """True while an utterance has started and not been closed."""
         return self._speaking
+
+    @property
+    def early_pending(self) -> bool:
+        """True while a transcription started early waits for the utterance's close."""
+        return self._early is not None
 
     def push(self, frame: bytes | bytearray | memoryview, today: dt.date | None = None) -> list[Analysis]:
         """Take one frame; return the analyses of the utterances it completed."""
@@ -96,6 +126,8 @@ class UtteranceStream:
         for window, prob in zip(samples, probs, strict=True):
             self._windows.append(window)
             if prob >= self._threshold:
+                if self._silence and self._early_started:
+                    self._discard_early()  # the wearer spoke again: the early transcript is not the utterance
                 self._speaking, self._silence = True, 0
             elif self._speaking and (self._silence or prob < self._neg_threshold):
                 self._silence += _WINDOW
@@ -103,7 +135,10 @@ class UtteranceStream:
                 self._silence >= self._end_silence or len(self._windows) * _WINDOW >= self._max_samples
             ):
                 done.append(self._close(day))
-            elif not self._speaking and len(self._windows) * _WINDOW > self._lead:
+            elif self._speaking:
+                if self._early_at is not None and self._silence >= self._early_at and not self._early_started:
+                    self._start_early()
+            elif len(self._windows) * _WINDOW > self._lead:
                 del self._windows[: len(self._windows) - self._lead // _WINDOW]
         return done
 
@@ -119,11 +154,50 @@ class UtteranceStream:
         self._reset()
         return result
 
+    def close(self) -> None:
+        """Stop the worker thread of early transcription (one under way finishes first, unread). The
+        stream stays usable: the next early transcription starts a new thread."""
+        self._discard_early()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+            self._worker = None
+
+    def __enter__(self) -> UtteranceStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start_early(self) -> None:
+        """Transcribe the speech so far on the worker thread (the gate's segments are settled)."""
+        self._early_started = True
+        speech = self.pipeline.models.speech_gate.detect(Audio(np.concatenate(self._windows)))
+        if speech.speech is None:
+            return  # nothing the close would transcribe either
+        transcriber = self.pipeline.models.transcriber
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sotto-early-asr")
+        pending = self._worker.submit(transcriber.transcribe, speech.speech)
+        self._early = EarlyTranscript(speech.speech, pending)
+
+    def _discard_early(self) -> None:
+        if self._early is not None:
+            self._early.result.cancel()  # not started yet: never runs; under way: finishes, unread
+            self.early_discarded += 1
+        self._early, self._early_started = None, False
+
     def _close(self, day: dt.date) -> Analysis:
         audio = Audio(np.concatenate(self._windows))
+        early, self._early, self._early_started = self._early, None, False
         self._windows = []
         self._speaking, self._silence = False, 0
-        return self.pipeline.analyze_audio(audio, label=self.label, today=day)
+        analysis = self.pipeline.analyze_audio(audio, label=self.label, today=day, early=early)
+        if early is not None:
+            if early.used:
+                self.early_used += 1
+            else:
+                self.early_discarded += 1
+        return analysis
 
     def _probabilities(self, windows: np.ndarray) -> np.ndarray:
         """Speech probability of each window, continuing the detector's state from the last call."""
@@ -153,11 +227,11 @@ def analyze_pcm(
     """
     if len(data) % 2:
         raise AudioError(f"PCM input has {len(data)} bytes; 16-bit samples need an even number of bytes")
-    stream = UtteranceStream(pipeline, label=label)
     results: list[Analysis] = []
-    for frame in _frames(data, frame_bytes):
-        results += stream.push(frame, today)
-    last = stream.flush(today)
+    with UtteranceStream(pipeline, label=label) as stream:
+        for frame in _frames(data, frame_bytes):
+            results += stream.push(frame, today)
+        last = stream.flush(today)
     if last is not None:
         results.append(last)
     if not results:

@@ -3,6 +3,7 @@ soon as the speech gate has seen the end of the speech."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,79 @@ def test_an_opted_out_wearer_is_not_listened_to(edge_models: EdgeModels) -> None
     assert not stream.in_speech and stream.flush(today=TODAY) is None
     (only,) = analyze_pcm(device, pcm, today=TODAY)
     assert only.transcript is None and only.dropped is not None
+
+
+def _until_pause(pipeline: Pipeline, pcm: bytes, pause_s: float) -> bytes:
+    """``pcm`` cut ``pause_s`` after the end of its speech (as the speech gate finds it)."""
+    segments = pipeline.models.speech_gate.detect(pcm16_to_audio(pcm)).segments
+    end = segments[-1][1] - pipeline.models.config.speech_gate.speech_pad_ms * SAMPLE_RATE // 1000
+    return pcm[: (end + int(pause_s * SAMPLE_RATE)) * 2]
+
+
+def _from_speech(pipeline: Pipeline, pcm: bytes) -> bytes:
+    """``pcm`` from the start of its speech (as the speech gate finds it)."""
+    segments = pipeline.models.speech_gate.detect(pcm16_to_audio(pcm)).segments
+    start = segments[0][0] + pipeline.models.config.speech_gate.speech_pad_ms * SAMPLE_RATE // 1000
+    return pcm[start * 2 :]
+
+
+def test_asr_starts_before_the_close_and_the_close_takes_its_transcript(pipeline: Pipeline) -> None:
+    pcm = audio_to_pcm(load_audio(LAMP)) + silence(1.5)
+    with UtteranceStream(pipeline) as stream:
+        early = push_all(stream, pcm)
+        assert (stream.early_used, stream.early_discarded) == (1, 0)
+    with UtteranceStream(pipeline, early_asr=False) as stream:
+        late = push_all(stream, pcm)
+        assert (stream.early_used, stream.early_discarded) == (0, 0)
+    assert len(early) == len(late) == 1
+    assert early[0][0] == late[0][0]  # closed at the same frame
+    same(early[0][1], late[0][1])
+    same(early[0][1], pipeline.analyze_audio(pcm16_to_audio(pcm), today=TODAY))
+
+
+def test_speech_after_the_early_start_discards_the_early_transcript(pipeline: Pipeline) -> None:
+    """A pause long enough to start ASR early (0.6 s) but too short to close the utterance (0.7 s): the
+    wearer goes on, the early transcript of the first half is thrown away, and the utterance is the
+    whole of both halves, as offline."""
+    lamp = audio_to_pcm(load_audio(LAMP))
+    pcm = _until_pause(pipeline, lamp, 0.6) + _from_speech(pipeline, lamp) + silence(1.5)
+    with UtteranceStream(pipeline) as stream:
+        assert push_all(stream, _until_pause(pipeline, lamp, 0.6)) == []
+        assert stream.in_speech and stream.early_pending
+    with UtteranceStream(pipeline) as stream:
+        results = push_all(stream, pcm)
+        assert (stream.early_used, stream.early_discarded) == (1, 1)
+    assert len(results) == 1
+    (_, streamed) = results[0]
+    assert (streamed.transcript or "").lower().count("lamp") == 2
+    same(streamed, pipeline.analyze_audio(pcm16_to_audio(pcm), today=TODAY))
+
+
+def test_opting_out_after_the_early_start_drops_the_utterance(edge_models: EdgeModels) -> None:
+    """The early transcript is made while the wearer is opted in; the opt-out that comes before the close
+    drops it unread, and the close never happens."""
+    device = Pipeline(edge_models, region="US")
+    lamp = audio_to_pcm(load_audio(LAMP))
+    head = _until_pause(device, lamp, 0.6)
+    with UtteranceStream(device) as stream:
+        assert push_all(stream, head) == [] and stream.early_pending
+        device.set_opt_out(True)
+        assert push_all(stream, silence(1.5)) == []
+        assert not stream.in_speech and not stream.early_pending
+        assert (stream.early_used, stream.early_discarded) == (0, 1)
+        assert stream.flush(today=TODAY) is None
+
+
+def test_close_stops_the_worker_thread(pipeline: Pipeline) -> None:
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("sotto-early-asr")]
+
+    before = len(workers())
+    stream = UtteranceStream(pipeline)
+    push_all(stream, audio_to_pcm(load_audio(LAMP)) + silence(1.5))
+    assert len(workers()) == before + 1
+    stream.close()
+    assert len(workers()) == before
 
 
 @pytest.mark.parametrize("kwargs", [{"end_silence_ms": 100}, {"max_utterance_s": 0.5}, {"lead_s": -1.0}])
