@@ -40,9 +40,9 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from sotto.v1 import signals_pb2, signals_pb2_grpc
+from sotto.v1 import signals_pb2_grpc
 from sotto.wire import day_number
-from tools.attack_streams import PROFILE, devices, figures
+from tools.attack_streams import PROFILE, device_batch, devices, figures
 from tools.harness import issue_tokens, read_line, stop_server
 from tools.paths import REPO, child_env
 
@@ -148,14 +148,7 @@ async def reconnecting_devices(
 
     async def sender() -> None:
         while time.perf_counter() < deadline:
-            batch = signals_pb2.SignalBatch(
-                batch_id=os.urandom(16),
-                profile_id=PROFILE,
-                region="US",
-                taxonomy_version="3.1",
-                base_day=today,
-                signals=[signals_pb2.Signal(category_id="338", weight_level=4)],
-            )
+            batch = device_batch(today)
             started = time.perf_counter()
             async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
                 try:

@@ -108,6 +108,18 @@ async def attack(
     return outcomes
 
 
+def device_batch(today: int) -> signals_pb2.SignalBatch:
+    """One well-formed batch of the device under load: a new id, one signal, dated ``today``."""
+    return signals_pb2.SignalBatch(
+        batch_id=os.urandom(16),
+        profile_id=PROFILE,
+        region="US",
+        taxonomy_version="3.1",
+        base_day=today,
+        signals=[signals_pb2.Signal(category_id="338", weight_level=4)],
+    )
+
+
 async def devices(
     target: str, token: str, seconds: float, concurrency: int
 ) -> tuple[list[float], collections.Counter[str]]:
@@ -123,14 +135,7 @@ async def devices(
 
         async def sender() -> None:
             while time.perf_counter() < deadline:
-                batch = signals_pb2.SignalBatch(
-                    batch_id=os.urandom(16),
-                    profile_id=PROFILE,
-                    region="US",
-                    taxonomy_version="3.1",
-                    base_day=today,
-                    signals=[signals_pb2.Signal(category_id="338", weight_level=4)],
-                )
+                batch = device_batch(today)
                 started = time.perf_counter()
                 try:
                     await stub.Ingest(batch, timeout=10, metadata=metadata)

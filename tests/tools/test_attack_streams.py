@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tools.paths import REPO, child_env
+from tools.harness import run_module
 
 pytestmark = pytest.mark.e2e
 
 
 def test_attack_streams_reports_valid_ingest_under_the_attack() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.attack_streams", "--seconds", "2", "--baseline-seconds", "1"]
-        + ["--streams", "200", "--target-p99-ms", "1000000"],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "tools.attack_streams",
+        "--seconds",
+        "2",
+        "--baseline-seconds",
+        "1",
+        *("--streams", "200", "--target-p99-ms", "1000000"),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
