@@ -5,10 +5,20 @@
     python -m tools.evaluate --baseline      # add a TF-IDF + logistic-regression baseline (needs [train])
     python -m tools.evaluate --backend onnx  # one runtime only (default: onnx and tflite)
     python -m tools.evaluate --gazetteer off # the model alone, without the reviewed gazetteer
+    python -m tools.evaluate --curve models/leak_vs_dropped.png --previous build/previous/models
+                                             # the leak / benign-dropped curve, beside another model's
+    python -m tools.evaluate --final-exam    # also the final-exam set (tools/data/final_exam), once
 
-The decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter), once per
+The held-out data are the held-out fifth of every hand-written round the model was trained on, the
+held-out-only folder (tools/data/heldout) and the public sets' test splits (tools/modeldata.py). The
+decision path is the device's own: Pipeline.analyze_text (classifier + privacy filter), once per
 classifier runtime. Also reported: how often the runtimes agree with each other and with the float
-model's outputs kept at build time (models/reference_outputs.npz).
+model's outputs kept at build time (models/reference_outputs.npz), and each sensitivity class's leak
+with its one-sided 95% upper bound (Clopper-Pearson).
+
+The final exam was written to another brief by another writer than the training data, and is kept
+apart from every decision: no threshold, data or architecture choice may look at it. Evaluate it once,
+for the model being shipped, and report it beside the held-out figures.
 """
 
 from __future__ import annotations
@@ -34,17 +44,51 @@ from tools import modeldata
 ROOT = Path(__file__).resolve().parents[1]
 
 DAY = dt.date(2026, 6, 1)
+FINAL_EXAM = ROOT / "tools" / "data" / "final_exam" / "final_exam.tsv"
+#: Confidence of the per-class upper bounds.
+BOUND_CONFIDENCE = 0.95
 BACKEND_TITLES = {"onnx": "ONNX Runtime", "tflite": "TFLite", "float": "float reference"}
 CARD_START, CARD_END = "<!-- evaluate.py:start -->", "<!-- evaluate.py:end -->"
 TARGETS = {
     "interest_tier1_accuracy": (">=", 0.85),
-    "no_interest_silent_rate": (">=", 0.90),
-    "sensitive_leak_rate": ("<=", 0.01),
-    "sensitive_leak_rate_worst_class": ("<=", 0.01),
+    "no_interest_silent_rate": (">=", 0.95),
+    "sensitive_leak_rate": ("<=", 0.005),
+    "sensitive_leak_rate_worst_class": ("<=", 0.015),
     "benign_interest_dropped_as_sensitive": ("<=", 0.05),
-    "classify_filter_p50_ms": ("<=", 10.0),
-    "model_files_mb": ("<=", 30.0),
+    "model_files_mb": ("<=", 90.0),
 }
+#: p50 of classify + filter for one query on one thread, per runtime (ms).
+LATENCY_TARGETS = {"onnx": 25.0, "tflite": 40.0}
+#: Agreement of the runtimes with each other and with the float reference.
+PARITY_TARGET = 0.995
+
+
+def final_exam(path: Path = FINAL_EXAM) -> list[modeldata.Example]:
+    """The final-exam queries as examples: ``label`` is an interest category id, "none" (no interest) or
+    "sensitive:<class>"; ``mixed`` marks a benign request carrying a sensitive detail."""
+    out = []
+    for i, row in enumerate(modeldata._read_tsv(path), start=2):
+        label, text = row["label"], row["text"]
+        if label.startswith("sensitive:"):
+            out.append(
+                modeldata.Example(
+                    text, None, label.split(":", 1)[1], "final_exam", "eval", row["mixed"] == "1"
+                )
+            )
+        elif label:
+            out.append(modeldata.Example(text, label, "none", "final_exam", "eval"))
+        else:
+            raise ValueError(f"{path}:{i}: no label")
+    return out
+
+
+def upper_bound(leaked: int, n: int, confidence: float = BOUND_CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound of a rate seen as ``leaked`` of ``n``."""
+    from scipy.stats import beta
+
+    if n == 0 or leaked >= n:
+        return 1.0
+    return float(beta.ppf(confidence, leaked + 1, n - leaked))
 
 
 def decisions(examples: list[modeldata.Example], models: EdgeModels) -> list[tuple[str | None, str | None]]:
@@ -75,7 +119,10 @@ def metrics(
     per_class: dict[str, list[bool]] = defaultdict(list)
     for e, g in sensitive:
         per_class[e.sensitive].append(g[0] is not None)
-    leak_by_class = {c: (sum(v) / len(v), len(v)) for c, v in sorted(per_class.items())}
+    leak_by_class = {
+        c: (sum(v) / len(v), len(v), sum(v), upper_bound(sum(v), len(v)))
+        for c, v in sorted(per_class.items())
+    }
     mixed = [g[0] is not None for e, g in sensitive if e.mixed]
     return {
         "counts": {
@@ -132,6 +179,81 @@ def parity(models: dict[str, EdgeModels], reference: Path) -> dict[str, float]:
         out[f"{a}~{b}:top"], out[f"{a}~{b}:sensitive"] = agreement(probs[a], probs[b], threshold)
         out[f"{a}~{b}:max_abs_diff"] = float(max(np.abs(ia - ib).max(), np.abs(sa - sb).max()))
     return out
+
+
+def filter_parts(
+    examples: list[modeldata.Example], models: EdgeModels
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the filter's decision is made of, for each example: the model's sensitivity score (1 - P(none),
+    dropped when it reaches the threshold), whether the gazetteer names a listed term (dropped whatever
+    the threshold) and whether the filter would emit a signal were the query not dropped."""
+    outputs = models.classifier.classify_batch([e.text for e in examples])
+    device_filter = PrivacyFilter(models.policy, sensitive_threshold=1.0, options=FilterOptions())
+    score = np.array([o.sensitive for o in outputs])
+    named = np.array(
+        [models.gazetteer is not None and models.gazetteer.match(e.text) is not None for e in examples]
+    )
+    emits = np.array([bool(device_filter.select_interests(o, 0)) for o in outputs])
+    return score, named, emits
+
+
+def leak_dropped_curve(
+    examples: list[modeldata.Example],
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray],
+    thresholds: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(benign interest queries dropped as sensitive, sensitive queries leaked) at each threshold: a
+    sensitive query leaks when neither the model (score below the threshold) nor the gazetteer drops it
+    and the filter would emit for it."""
+    score, named, emits = parts
+    sensitive = np.array([e.sensitive != "none" for e in examples])
+    interest = np.array([e.sensitive == "none" and e.interest not in (None, "none") for e in examples])
+    flagged = (score[None, :] >= thresholds[:, None]) | named[None, :]
+    dropped = flagged[:, interest].mean(axis=1)
+    leaked = (~flagged[:, sensitive] & emits[None, sensitive]).mean(axis=1)
+    return dropped, leaked
+
+
+def plot_curves(
+    path: Path,
+    curves: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, float]]],
+    title: str,
+) -> None:
+    """Leak rate against benign interest queries dropped, one line per model, each operating point
+    marked (matplotlib, from the tools extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for i, (name, (dropped, leaked, point)) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(100 * dropped, 100 * leaked, color=color, label=name)
+        ax.plot(100 * point[0], 100 * point[1], "o", color=color, markersize=7)
+        ax.annotate(
+            f"{100 * point[0]:.1f}% dropped, {100 * point[1]:.2f}% leak",
+            (100 * point[0], 100 * point[1]),
+            textcoords="offset points",
+            xytext=(8, 8),
+            fontsize=8,
+            color=color,
+        )
+    ax.axhline(100 * TARGETS["sensitive_leak_rate"][1], color="grey", linestyle=":", linewidth=1)
+    ax.axvline(
+        100 * TARGETS["benign_interest_dropped_as_sensitive"][1], color="grey", linestyle=":", linewidth=1
+    )
+    ax.set_xlim(0, 30)
+    ax.set_ylim(0, 4)
+    ax.set_xlabel("benign interest queries dropped as sensitive (%)")
+    ax.set_ylabel("sensitive queries leaked (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def latency_ms(models: EdgeModels, texts: list[str], repeats: int = 3) -> tuple[float, float]:
@@ -196,10 +318,36 @@ def baseline(
     return metrics(evals, got, policy)
 
 
-def check(name: str, value: float) -> str:
-    op, target = TARGETS[name]
+def check(name: str, value: float, backend: str | None = None) -> str:
+    op, target = (
+        ("<=", LATENCY_TARGETS[backend]) if name == "classify_filter_p50_ms" and backend else TARGETS[name]
+    )
     ok = value >= target if op == ">=" else value <= target
     return f"{'meets' if ok else 'MISSES'} {op} {target:g}"
+
+
+METRIC_ROWS = [
+    ("interest queries: top signal's tier-1 correct", "interest_tier1_accuracy"),
+    ("interest queries: top signal's exact category correct", "interest_tier2_accuracy"),
+    ("no-interest queries: no signal emitted", "no_interest_silent_rate"),
+    ("sensitive queries: any signal emitted (leak), overall", "sensitive_leak_rate"),
+    ("sensitive queries: leak, worst class", "sensitive_leak_rate_worst_class"),
+    ("sensitive mixed queries (benign request + sensitive detail): leak", "sensitive_leak_rate_mixed"),
+    ("benign interest queries dropped as sensitive", "benign_interest_dropped_as_sensitive"),
+    ("all benign queries dropped as sensitive", "benign_dropped_as_sensitive"),
+]
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _counts(m: dict[str, Any]) -> str:
+    c = m["counts"]
+    return (
+        f"{c['interest']} interest, {c['no_interest']} no-interest, {c['sensitive']} sensitive queries "
+        f"({c['benign']} benign in all)"
+    )
 
 
 def render(
@@ -207,31 +355,23 @@ def render(
     base: dict[str, Any] | None,
     agreement: dict[str, float] | None,
     command: str,
+    exam: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Markdown: one column per runtime, then the baseline and the target."""
-    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    """Markdown: one column per runtime, then the baseline and the target; the final exam's figures
+    beside the held-out ones when it was evaluated."""
     first = next(iter(results.values()))["metrics"]
-    c = first["counts"]
     names = list(results)
+    titles = [BACKEND_TITLES.get(n, n) for n in names]
+    exam_titles = [f"final exam, {t}" for t in titles] if exam else []
     lines = [
-        f"Held-out evaluation: {c['interest']} interest, {c['no_interest']} no-interest, "
-        f"{c['sensitive']} sensitive "
-        f"queries ({c['benign']} benign in all). Command: `{command}`.",
-        "",
-        "| metric | "
-        + " | ".join(BACKEND_TITLES.get(n, n) for n in names)
-        + " | baseline (TF-IDF + LR) | target |",
-        "| --- | " + " | ".join("---" for _ in names) + " | --- | --- |",
+        f"Held-out evaluation: {_counts(first)}. Command: `{command}`.",
     ]
-    rows = [
-        ("interest queries: top signal's tier-1 correct", "interest_tier1_accuracy"),
-        ("interest queries: top signal's exact category correct", "interest_tier2_accuracy"),
-        ("no-interest queries: no signal emitted", "no_interest_silent_rate"),
-        ("sensitive queries: any signal emitted (leak), overall", "sensitive_leak_rate"),
-        ("sensitive queries: leak, worst class", "sensitive_leak_rate_worst_class"),
-        ("sensitive mixed queries (benign request + sensitive detail): leak", "sensitive_leak_rate_mixed"),
-        ("benign interest queries dropped as sensitive", "benign_interest_dropped_as_sensitive"),
-        ("all benign queries dropped as sensitive", "benign_dropped_as_sensitive"),
+    if exam:
+        lines.append(f"Final exam (evaluated once, for this model): {_counts(next(iter(exam.values())))}.")
+    lines += [
+        "",
+        "| metric | " + " | ".join(titles + exam_titles) + " | baseline (TF-IDF + LR) | target |",
+        "| --- | " + " | ".join("---" for _ in titles + exam_titles) + " | --- | --- |",
     ]
 
     def verdicts(key: str, values: list[float]) -> str:
@@ -239,30 +379,37 @@ def render(
             return ""
         return "; ".join(sorted({check(key, v) for v in values}))
 
-    for label, key in rows:
+    for label, key in METRIC_ROWS:
         values = [results[n]["metrics"][key] for n in names]
+        exam_values = [exam[n][key] for n in names] if exam else []
         lines.append(
             f"| {label} | "
-            + " | ".join(pct(v) for v in values)
-            + f" | {pct(base[key]) if base else 'not run'} | {verdicts(key, values)} |"
+            + " | ".join(_pct(v) for v in values + exam_values)
+            + f" | {_pct(base[key]) if base else 'not run'} | {verdicts(key, values + exam_values)} |"
         )
+    blank = "".join(" | " for _ in exam_titles)
     lat = [results[n]["latency_ms"] for n in names]
     lines.append(
         "| classify + filter one query, p50 / p95, 1 thread | "
         + " | ".join(f"{p50:.2f} / {p95:.2f} ms" for p50, p95 in lat)
-        + f" | | {verdicts('classify_filter_p50_ms', [p50 for p50, _ in lat])} |"
+        + f"{blank} | | "
+        + "; ".join(
+            f"{t}: {check('classify_filter_p50_ms', lt[0], n)}"
+            for n, t, lt in zip(names, titles, lat, strict=True)
+        )
+        + " |"
     )
     sizes = [results[n]["size_mb"] for n in names]
     lines.append(
         "| model files a device ships (this runtime's classifier + tokenizer) | "
         + " | ".join(f"{v:.1f} MB" for v in sizes)
-        + f" | | {verdicts('model_files_mb', sizes)} |"
+        + f"{blank} | | {verdicts('model_files_mb', sizes)} |"
     )
     if agreement:
         lines += [
             "",
             f"Agreement on the {int(agreement['queries'])} held-out queries (same top category / same "
-            "sensitive decision / largest difference of any probability):",
+            f"sensitive decision / largest difference of any probability; target {100 * PARITY_TARGET:g}%):",
             "",
             "| pair | top category | sensitive decision | max abs difference |",
             "| --- | --- | --- | --- |",
@@ -279,17 +426,53 @@ def render(
                 )
     lines += [
         "",
-        f"Leak rate per sensitivity class (held-out, {BACKEND_TITLES.get(names[0], names[0])}):",
+        f"Leak per sensitivity class ({BACKEND_TITLES.get(names[0], names[0])}): leaked of queries, rate, "
+        f"and the one-sided {100 * BOUND_CONFIDENCE:g}% upper bound of the rate (Clopper-Pearson):",
         "",
-        "| class | leak | queries |",
-        "| --- | --- | --- |",
+        "| class | held-out leaked | rate | 95% upper bound |"
+        + (" final exam leaked | rate | 95% upper bound |" if exam else ""),
+        "| --- | --- | --- | --- |" + (" --- | --- | --- |" if exam else ""),
     ]
     for cls in SENSITIVE_CLASSES:
-        rate, n = first["leak_by_class"].get(cls, (0.0, 0))
-        lines.append(f"| {cls} | {pct(rate)} | {n} |")
-    lines += ["", "Most frequent tier-1 errors on interest queries (expected -> got):", ""]
+        row = f"| {cls} | "
+        for m in [first] + ([exam[names[0]]] if exam else []):
+            rate, n, k, upper = m["leak_by_class"].get(cls, (0.0, 0, 0, 1.0))
+            row += f"{k} / {n} | {100 * rate:.2f}% | {100 * upper:.2f}% | "
+        lines.append(row.rstrip())
+    lines += ["", "Most frequent tier-1 errors on held-out interest queries (expected -> got):", ""]
     lines += [f"- {a} -> {b}: {n}" for (a, b), n in first["tier1_confusion"]]
     return "\n".join(lines)
+
+
+def load_models(folder: Path, backend: str, gazetteer: bool) -> EdgeModels:
+    return EdgeModels(
+        EdgeConfig(
+            models_dir=str(folder),
+            classifier_backend=backend,
+            classifier_threads=1,
+            filter=FilterOptions(gazetteer=gazetteer),
+        )
+    )
+
+
+def curves(
+    evals: list[modeldata.Example], models: dict[str, EdgeModels], path: Path, title: str
+) -> dict[str, list[float]]:
+    """Draw the leak / benign-dropped curve of each model to ``path``; each model's operating point (its
+    own threshold) as (dropped, leaked)."""
+    thresholds = np.concatenate([[0.0], np.geomspace(1e-6, 1.0, 600)])
+    drawn: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, float]]] = {}
+    points: dict[str, list[float]] = {}
+    for name, m in models.items():
+        parts = filter_parts(evals, m)
+        dropped, leaked = leak_dropped_curve(evals, parts, thresholds)
+        threshold = m.classifier.meta.sensitive_threshold
+        at = leak_dropped_curve(evals, parts, np.array([threshold]))
+        point = (float(at[0][0]), float(at[1][0]))
+        drawn[name] = (dropped, leaked, point)
+        points[name] = [threshold, *point]
+    plot_curves(path, drawn, title)
+    return points
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,22 +496,33 @@ def main(argv: list[str] | None = None) -> int:
         default="on" if FilterOptions().gazetteer else "off",
         help="the reviewed gazetteer as a second recall path (default: the device's default)",
     )
+    parser.add_argument(
+        "--final-exam",
+        action="store_true",
+        help="also evaluate tools/data/final_exam (once, for the model being shipped; never to choose)",
+    )
+    parser.add_argument("--curve", type=Path, help="draw the leak / benign-dropped curve (ONNX) to this PNG")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="a models folder of an earlier model, drawn beside this one on the curve",
+    )
     args = parser.parse_args(argv)
+    if args.previous is not None and args.curve is None:
+        parser.error("--previous needs --curve")
+    for folder in [args.models] + ([args.previous] if args.previous else []):
+        if not (folder / "classifier.json").is_file():
+            parser.error(f"{folder}: no classifier.json (not a models folder)")
 
     examples = modeldata.load_all()
     evals = [e for e in examples if e.split == "eval"]
+    exam_examples = final_exam() if args.final_exam else None
     meta = json.loads((args.models / "classifier.json").read_text())
     loaded: dict[str, EdgeModels] = {}
     results: dict[str, dict[str, Any]] = {}
+    exam: dict[str, dict[str, Any]] | None = {} if exam_examples else None
     for backend in dict.fromkeys(args.backend):
-        models = EdgeModels(
-            EdgeConfig(
-                models_dir=str(args.models),
-                classifier_backend=backend,
-                classifier_threads=1,
-                filter=FilterOptions(gazetteer=args.gazetteer == "on"),
-            )
-        )
+        models = load_models(args.models, backend, args.gazetteer == "on")
         loaded[backend] = models
         m = metrics(evals, decisions(evals, models), models.policy)
         results[backend] = {
@@ -337,16 +531,48 @@ def main(argv: list[str] | None = None) -> int:
             "size_mb": sum((args.models / meta["files"][k]).stat().st_size for k in (backend, "tokenizer"))
             / 1e6,
         }
+        if exam is not None and exam_examples:
+            exam[backend] = metrics(exam_examples, decisions(exam_examples, models), models.policy)
     reference = args.models / "reference_outputs.npz"
     agreement = parity(loaded, reference) if reference.is_file() else None
     policy = next(iter(loaded.values())).policy
     base = baseline(examples, evals, policy) if args.baseline else None
     command = " ".join(["python -m tools.evaluate", *(argv if argv is not None else sys.argv[1:])])
-    report = render(results, base, agreement, command)
+    report = render(results, base, agreement, command, exam)
+    points = None
+    if args.curve is not None:
+        on_curve = {"this model": load_models(args.models, "onnx", args.gazetteer == "on")}
+        if args.previous is not None:
+            on_curve = {
+                "previous model": load_models(args.previous, "onnx", args.gazetteer == "on"),
+                "new model": on_curve["this model"],
+            }
+        points = curves(
+            evals,
+            on_curve,
+            args.curve,
+            f"held-out: {_counts(next(iter(results.values()))['metrics'])}; ONNX Runtime, "
+            f"gazetteer {args.gazetteer}",
+        )
+        report += (
+            "\n\nOperating points on the curve (threshold: benign interest dropped, leak): "
+            + "; ".join(f"{name} {t:.4g}: {_pct(d)}, {100 * lk:.2f}%" for name, (t, d, lk) in points.items())
+        )
+        print(f"wrote {args.curve}")
     print(report)
     if args.json:
         args.json.write_text(
-            json.dumps({"backends": results, "agreement": agreement, "baseline": base}, indent=2, default=str)
+            json.dumps(
+                {
+                    "backends": results,
+                    "agreement": agreement,
+                    "baseline": base,
+                    "final_exam": exam,
+                    "curve": points,
+                },
+                indent=2,
+                default=str,
+            )
         )
     if args.write_card:
         card = args.models / "MODEL_CARD.md"

@@ -4,8 +4,10 @@ Sources (all under shared/data or tools/data):
 - CLINC150 and HWU64 voice-assistant queries, relabelled by tools/data/intent_map_*.tsv
   (intent -> IAB 3.1 id | none | sensitive:<class> | exclude); their own train/test splits are kept.
 - Hand-written voice queries (interest, no interest, sensitive, benign hard negatives) in
-  tools/data/handwritten/, and in tools/data/round4/ when asked for (WITH_ROUND4); a stable hash of the
-  text puts 20% of them in the held-out evaluation split.
+  tools/data/handwritten/ and tools/data/round4/; a stable hash of the text puts 20% of them in the
+  held-out evaluation split.
+- Hand-written sensitive queries in tools/data/heldout/, written for evaluation only: all held out, so
+  that every sensitivity class has at least 200 held-out queries.
 - MedQuAD health questions and BBQ context sentences, sampled deterministically.
 
 Each example carries an interest label (category id, "none", or None when unknown) and a sensitivity
@@ -19,7 +21,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tools.paths import SHARED_DATA
@@ -96,12 +98,12 @@ def hwu64() -> list[Example]:
     return out
 
 
-#: The hand-written data folders of tools/data the shipped model was trained on (its held-out fifth is the
-#: one models/reference_outputs.npz covers)...
-HANDWRITTEN_FOLDERS = ("handwritten",)
-#: ... and with the fourth round, the next model's data (the teacher's, and the device build's with
-#: --round4). The final exam, kept apart from every decision, is in neither.
-WITH_ROUND4 = ("handwritten", "round4")
+#: The hand-written data folders of tools/data the model is trained on (four fifths) and evaluated on (the
+#: held-out fifth, the one models/reference_outputs.npz covers). The final exam, kept apart from every
+#: decision, is not one of them.
+HANDWRITTEN_FOLDERS = ("handwritten", "round4")
+#: Hand-written folders that are held out whole: evaluated on, never trained, calibrated or distilled on.
+HELD_OUT_FOLDERS = ("heldout",)
 
 
 def handwritten(folders: tuple[str, ...] = HANDWRITTEN_FOLDERS) -> list[Example]:
@@ -111,7 +113,17 @@ def handwritten(folders: tuple[str, ...] = HANDWRITTEN_FOLDERS) -> list[Example]
     return out
 
 
+def held_out(folders: tuple[str, ...] = HELD_OUT_FOLDERS) -> list[Example]:
+    """The hand-written queries written for evaluation only, all in the "eval" split."""
+    out = []
+    for name in folders:
+        out += [replace(e, split="eval", source=f"{name}:{e.source}") for e in _handwritten_folder(DATA / name)]
+    return out
+
+
 def _handwritten_folder(folder: Path) -> list[Example]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such data folder")
     out = []
     for path in sorted(folder.glob("interest_queries_*.tsv")):
         out += [
@@ -156,8 +168,8 @@ def bbq(per_class: int = 500, seed: int = 13) -> list[Example]:
 
 def load_all(folders: tuple[str, ...] = HANDWRITTEN_FOLDERS) -> list[Example]:
     """Every example, deduplicated by lowercase text (the first occurrence wins, eval before train), with
-    the hand-written ``folders`` of tools/data."""
-    examples = clinc150() + hwu64() + handwritten(folders) + medquad() + bbq()
+    the hand-written ``folders`` of tools/data and the held-out-only ones."""
+    examples = clinc150() + hwu64() + handwritten(folders) + held_out() + medquad() + bbq()
     examples.sort(key=lambda e: e.split != "eval")  # keep held-out copies when a text appears twice
     seen: set[str] = set()
     unique = []

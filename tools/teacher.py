@@ -15,10 +15,10 @@ the repository keeps is its output, a soft-label file (tools/teacher_labels.py d
 
 Recipe: all-mpnet-base-v2 (Apache-2.0; 110 M parameters, 12 layers) with masked mean pooling and two
 linear heads, interest (IAB 3.1 ids + "none") and sensitivity (14 classes + "none"), every weight
-trained (embeddings included), on exactly the examples the device model's recipe fine-tunes on with
---round4 (tools/build_models.split_training: the training four-fifths of the hand-written rounds, round 4
+trained (embeddings included), on the examples the device model's recipe fine-tunes on
+(tools/build_models.split_training: the training four-fifths of the hand-written rounds, round 4
 included, and of the public sets, less the calibration split, public groups capped and hand-written
-queries repeated), with its loss
+queries repeated three times, TEACHER_REPEAT), with its loss
 (square-root inverse-frequency class weights; sensitive queries teach the interest head "none"). AdamW,
 encoder lr 3e-5 and heads 1e-3, warm-up then linear decay, batch 32, CPU, seeded, deterministic
 algorithms, 2 threads: the same command gives the same weights, interrupted and resumed or not.
@@ -71,6 +71,8 @@ CHECKPOINT_EVERY = 50
 LABEL_CHUNK = 2048
 LABEL_BATCH = 64
 THREADS = 2
+#: Repeats of the hand-written training queries per epoch (build_models.split_training).
+TEACHER_REPEAT = 3
 #: Exit status when the time budget ran out before the step was complete.
 EXIT_UNFINISHED = 3
 
@@ -189,8 +191,8 @@ class TrainConfig:
 def training_examples(limit: int | None) -> list[modeldata.Example]:
     """The device recipe's fine-tuning examples (calibration and held-out queries left out); with
     ``limit``, the ones with the smallest text keys, so a small run's texts are among a small label run's."""
-    examples = modeldata.load_all(modeldata.WITH_ROUND4)
-    fit, _ = build_models.split_training([e for e in examples if e.split == "train"])
+    examples = modeldata.load_all()
+    fit, _ = build_models.split_training([e for e in examples if e.split == "train"], repeat=TEACHER_REPEAT)
     if limit is not None:
         fit = sorted(fit, key=lambda e: (teacher_labels.text_key(e.text), e.text))[:limit]
     return fit

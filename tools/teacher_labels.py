@@ -7,7 +7,7 @@ that file without running the teacher. This module is the contract between the t
 - ``transfer_set()``: every query text in shared/data (CLINC150 and HWU64 in full, whatever the intent
   maps keep, all MedQuAD questions, all BBQ contexts, the speech transcripts) and every hand-written file
   (tools/data/handwritten, tools/data/round4). Never the final exam: ``transfer_set`` reads only the
-  recipe's own folders (modeldata.WITH_ROUND4) and refuses any other.
+  recipe's own folders (modeldata.HANDWRITTEN_FOLDERS) and refuses any other.
 - ``text_key(text)``: the first 16 hex digits of the SHA-256 of the normalised text (as the device
   normalises it), so the file holds no query text and a query is found whatever its case or punctuation.
 - the file: ``keys`` (sorted), ``groups`` (where each text came from), float16 ``interest`` and
@@ -29,7 +29,7 @@ from sotto.edge.classifier import normalize_text
 from tools import modeldata
 
 #: The hand-written folders of tools/data the transfer set reads (the final exam is not one of them).
-HANDWRITTEN_FOLDERS = modeldata.WITH_ROUND4
+HANDWRITTEN_FOLDERS = modeldata.HANDWRITTEN_FOLDERS
 
 
 def text_key(text: str) -> str:

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "tools" / "data" / "handwritten"
 #: The fourth round, written under the same rules, not yet in the shipped model (tools/data/README.md).
 ROUND4 = ROOT / "tools" / "data" / "round4"
+#: Sensitive queries written for evaluation only, under the same rules: never trained on.
+HELD_OUT = ROOT / "tools" / "data" / "heldout"
 #: The final-exam set: another brief, another writer; evaluated once, never trained or tuned on.
 EXAM = ROOT / "tools" / "data" / "final_exam" / "final_exam.tsv"
 #: file stem prefix -> (header, label column, allowed labels or None for "interest category ids")
@@ -51,7 +53,7 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-FILES = sorted(FOLDER.glob("*.tsv")) + sorted(ROUND4.glob("*.tsv"))
+FILES = sorted(FOLDER.glob("*.tsv")) + sorted(ROUND4.glob("*.tsv")) + sorted(HELD_OUT.glob("*.tsv"))
 
 
 @functools.cache
@@ -132,6 +134,17 @@ def test_every_category_and_class_is_covered() -> None:
     assert not thin, f"interest categories with too few hand-written queries: {thin}"
     thin = {c: per_class[c] for c in SENSITIVE_CLASSES if per_class[c] < MIN_PER_SENSITIVE_CLASS}
     assert not thin, f"sensitivity classes with too few hand-written queries: {thin}"
+
+
+def test_held_out_only_queries_are_never_trained_on_and_give_every_class_200() -> None:
+    held_out = modeldata.held_out()
+    assert held_out and all(e.split == "eval" and e.sensitive != "none" for e in held_out)
+    examples = modeldata.load_all()
+    texts = {e.text.lower().strip() for e in held_out}
+    assert all(e.split == "eval" for e in examples if e.text.lower().strip() in texts)
+    per_class = Counter(e.sensitive for e in examples if e.split == "eval" and e.sensitive != "none")
+    thin = {c: per_class[c] for c in SENSITIVE_CLASSES if per_class[c] < 200}
+    assert not thin, f"classes with fewer than 200 held-out queries: {thin}"
 
 
 def test_the_held_out_fifth_is_stable_and_about_a_fifth() -> None:

@@ -32,8 +32,10 @@ def test_allowed_leaks_is_the_largest_count_the_budget_admits(n: int) -> None:
 def test_allowed_leaks_grows_with_the_calibration_split_and_refuses_a_tiny_one() -> None:
     counts = [allowed_leaks(n) for n in (100, 300, 1300, 10000)]
     assert counts == sorted(counts)
-    assert counts[0] == -1  # 100 queries cannot show 1% at 95% even with no leak
-    assert allowed_leaks(1300) == 6
+    assert counts[0] == -1  # 100 queries cannot show 0.8% at 95% even with no leak
+    assert allowed_leaks(1300) == 4
+    assert allowed_leaks(1300, budget=0.01) == 6
+    assert allowed_leaks(2105) == 9
 
 
 def _calibration(n_sensitive: int, n_benign: int, seed: int = 7) -> tuple[np.ndarray, ...]:

@@ -85,7 +85,7 @@ def test_the_build_finds_its_examples_soft_labels_by_text() -> None:
 
 @pytest.fixture(scope="module")
 def examples() -> list[modeldata.Example]:
-    return modeldata.load_all(modeldata.WITH_ROUND4)
+    return modeldata.load_all()
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,15 @@ def test_transfer_set_reads_no_final_exam_and_holds_every_example_of_the_recipe(
     rows = teacher_labels.transfer_set()
     assert read and not any("final_exam" in p.parts for p in read)
     assert any("round4" in p.parts for p in read)
+    assert not any("heldout" in p.parts for p in read)
     keys = [k for k, _, _ in rows]
     assert keys == sorted(set(keys))
-    assert {text_key(e.text) for e in examples} <= set(keys)
+    held_out_only = {e.source.split(":")[0] for e in modeldata.held_out()}
+    assert held_out_only == set(modeldata.HELD_OUT_FOLDERS)
+    recipe = [e for e in examples if e.source.split(":")[0] not in held_out_only]
+    assert {text_key(e.text) for e in recipe} <= set(keys)
+    # The held-out-only queries are never distilled on: the teacher has no label for them.
+    assert not {text_key(e.text) for e in modeldata.held_out()} & set(keys)
     with pytest.raises(ValueError, match="final_exam"):
         teacher_labels.transfer_set(folders=("handwritten", "final_exam"))
 
