@@ -113,7 +113,8 @@ def render(figures: dict[str, tuple[dict[str, Any], dict[str, Any]]], terms: int
     for cls in SENSITIVE_CLASSES:
         cells = []
         for a, b in figures.values():
-            (ra, n), (rb, _) = a["leak_by_class"].get(cls, (0.0, 0)), b["leak_by_class"].get(cls, (0.0, 0))
+            ra, n = a["leak_by_class"].get(cls, (0.0, 0))[:2]
+            rb = b["leak_by_class"].get(cls, (0.0,))[0]
             cells.append(f"{pct(ra)} of {n} | {pct(rb)}")
         lines.append(f"| leak: {cls} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
