@@ -158,3 +158,46 @@ def read_soft_labels(
     if not np.isfinite(labels.interest).all() or not np.isfinite(labels.sensitive).all():
         raise ValueError(f"{path}: non-finite logits")
     return labels
+
+
+def held_out_report(labels: SoftLabels, thresholds: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)) -> str:
+    """What the teacher knows, sensitive-or-not alone, on the held-out queries it has labels for: the
+    share of sensitive ones it misses and of benign interest ones it flags, at each threshold on
+    1 - P(none)."""
+    rows = labels.rows()
+    held = [e for e in modeldata.load_all() if e.split == "eval" and text_key(e.text) in rows]
+    logits = labels.sensitive[[rows[text_key(e.text)] for e in held]].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    score = 1.0 - probs[:, 0] / probs.sum(axis=1)
+    sensitive = np.array([e.sensitive != modeldata.NONE for e in held])
+    interest = np.array(
+        [e.sensitive == modeldata.NONE and e.interest not in (None, modeldata.NONE) for e in held]
+    )
+    lines = [
+        f"held-out queries with teacher labels: {len(held)} ({int(sensitive.sum())} sensitive, "
+        f"{int(interest.sum())} benign interest)",
+        "threshold | sensitive missed | benign interest flagged",
+    ]
+    for t in thresholds:
+        lines.append(f"{t:g} | {np.mean(score[sensitive] < t):.2%} | {np.mean(score[interest] >= t):.2%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="What a soft-label file's teacher knows, on the held-out queries."
+    )
+    parser.add_argument("file", type=Path, help="a soft-label file (tools/data/teacher_labels.npz)")
+    args = parser.parse_args(argv)
+    try:
+        labels = read_soft_labels(args.file)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    print(held_out_report(labels))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -159,3 +159,30 @@ def test_the_run_folder_stays_outside_the_repository() -> None:
     with pytest.raises(SystemExit, match="outside the repository"):
         main(["install", "--run-dir", str(build_models.ROOT / "build" / "teacher-run")])
     assert not (build_models.ROOT / "build" / "teacher-run").exists()
+
+
+def test_held_out_report_counts_misses_and_benign_flags(
+    tmp_path: Path, examples: list[modeldata.Example], capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = [
+        e for e in examples if e.split == "eval" and e.source.split(":")[0] not in modeldata.HELD_OUT_FOLDERS
+    ]
+    sensitive = [e for e in held if e.sensitive != "none"][:2]
+    interest = [e for e in held if e.sensitive == "none" and e.interest not in (None, "none")][:2]
+    labels = _labels([text_key(e.text) for e in sensitive + interest])
+    # Logits of the sensitivity head: P(none) from softmax. One sensitive query is missed at 0.5 (its
+    # P(none) is high), one benign interest query is flagged (its P(none) is low).
+    confident = np.full(labels.sensitive.shape[1], -9.0)
+    rows = labels.rows()
+    for e, p_none_high in zip(sensitive + interest, (True, False, True, False), strict=True):
+        logits = confident.copy()
+        logits[0 if p_none_high else 1] = 9.0
+        labels.sensitive[rows[text_key(e.text)]] = logits
+    report = teacher_labels.held_out_report(labels, thresholds=(0.5,))
+    assert "4 (2 sensitive, 2 benign interest)" in report
+    assert report.splitlines()[-1] == "0.5 | 50.00% | 50.00%"
+    path = tmp_path / "labels.npz"
+    write_soft_labels(path, labels)
+    assert teacher_labels.main([str(path)]) == 0 and "0.2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        teacher_labels.main([str(tmp_path / "missing.npz")])
