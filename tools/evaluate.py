@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             evals,
             on_curve,
             args.curve,
-            f"held-out: {_counts(next(iter(results.values()))['metrics'])}; ONNX Runtime, "
+            f"held-out: {_counts(next(iter(results.values()))['metrics'])}\nONNX Runtime, "
             f"gazetteer {args.gazetteer}",
         )
         report += (
