@@ -505,7 +505,8 @@ def allowed_leaks(n: int, budget: float = LEAK_BUDGET, confidence: float = LEAK_
     at all would not show it (``n`` too small).
 
     A fixed share of ``n`` would be a looser promise on a small calibration split than on a large one;
-    the bound is the same promise whatever the size (at a 1% budget, 0.46% of 1,300 queries and 0.83% of 10,000).
+    the bound is the same promise whatever the size (at a 1% budget, 0.46% of 1,300 queries and 0.83% of
+    10,000).
     """
     from scipy.stats import beta
 

@@ -117,7 +117,9 @@ def held_out(folders: tuple[str, ...] = HELD_OUT_FOLDERS) -> list[Example]:
     """The hand-written queries written for evaluation only, all in the "eval" split."""
     out = []
     for name in folders:
-        out += [replace(e, split="eval", source=f"{name}:{e.source}") for e in _handwritten_folder(DATA / name)]
+        out += [
+            replace(e, split="eval", source=f"{name}:{e.source}") for e in _handwritten_folder(DATA / name)
+        ]
     return out
 
 
