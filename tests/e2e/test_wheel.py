@@ -56,7 +56,7 @@ def test_the_installed_device_analyses_text_and_audio(venv: Path, tmp_path: Path
         venv / "sotto-edge",
         "analyze",
         "--text",
-        "where can i buy trail running shoes",
+        "where can i buy a new laptop",
         "--json",
         cwd=tmp_path,
     )

@@ -14,7 +14,7 @@ from sotto.edge.pipeline import EdgeModels, Pipeline
 from sotto.edge.privacy import PrivacyFilter
 from sotto.policy import Policy, PolicyError, RegionPolicy
 
-COMMERCIAL = "where can i buy trail running shoes"
+COMMERCIAL = "where can i buy a new laptop"
 
 
 def _gate(policy: Policy, region: str = "US", day: dt.date = TODAY, minor: bool = True) -> str | None:

@@ -293,7 +293,7 @@ def test_outbox_file_holds_no_transcript(tmp_path: Path, edge_models: object) ->
     from sotto.edge.pipeline import EdgeModels, Pipeline
 
     assert isinstance(edge_models, EdgeModels)
-    query = "where can i buy trail running shoes"
+    query = "where can i buy a new laptop"
     result = Pipeline(edge_models).analyze_text(query, today=TODAY)
     assert result.signals
     path = tmp_path / "outbox.db"
