@@ -508,12 +508,20 @@ def allowed_leaks(n: int, budget: float = LEAK_BUDGET, confidence: float = LEAK_
     the bound is the same promise whatever the size (at a 1% budget, 0.46% of 1,300 queries and 0.83% of
     10,000).
     """
-    from scipy.stats import beta
-
     k = -1
-    while k + 1 < n and beta.ppf(confidence, k + 2, n - k - 1) <= budget:
+    while k + 1 < n and upper_bound(k + 1, n, confidence) <= budget:
         k += 1
     return k
+
+
+def upper_bound(leaked: int, n: int, confidence: float = LEAK_CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound of a rate seen as ``leaked`` of ``n``: the ``confidence``
+    quantile of Beta(leaked + 1, n - leaked); 1 when nothing or everything was seen."""
+    from scipy.stats import beta
+
+    if n == 0 or leaked >= n:
+        return 1.0
+    return float(beta.ppf(confidence, leaked + 1, n - leaked))
 
 
 def pick_threshold(p_sensitive: np.ndarray, emits: np.ndarray, is_sensitive: np.ndarray) -> float:

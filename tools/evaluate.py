@@ -40,6 +40,7 @@ from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES, Policy
 from tools import modeldata
+from tools.build_models import upper_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,15 +83,6 @@ def final_exam(path: Path = FINAL_EXAM) -> list[modeldata.Example]:
     return out
 
 
-def upper_bound(leaked: int, n: int, confidence: float = BOUND_CONFIDENCE) -> float:
-    """One-sided Clopper-Pearson upper bound of a rate seen as ``leaked`` of ``n``."""
-    from scipy.stats import beta
-
-    if n == 0 or leaked >= n:
-        return 1.0
-    return float(beta.ppf(confidence, leaked + 1, n - leaked))
-
-
 def decisions(examples: list[modeldata.Example], models: EdgeModels) -> list[tuple[str | None, str | None]]:
     """(top signal id or None, drop reason or None) for each example."""
     device = Pipeline(models, region="US")
@@ -120,7 +112,7 @@ def metrics(
     for e, g in sensitive:
         per_class[e.sensitive].append(g[0] is not None)
     leak_by_class = {
-        c: (sum(v) / len(v), len(v), sum(v), upper_bound(sum(v), len(v)))
+        c: (sum(v) / len(v), len(v), sum(v), upper_bound(sum(v), len(v), BOUND_CONFIDENCE))
         for c, v in sorted(per_class.items())
     }
     mixed = [g[0] is not None for e, g in sensitive if e.mixed]
