@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from sotto.edge.asr import sha256_file
 from sotto.edge.classifier import (
     NONE_LABEL,
     ClassifierMeta,
+    ClassifierOutput,
     normalize_text,
     onnx_session,
     outputs_from_probabilities,
@@ -524,6 +526,15 @@ def upper_bound(leaked: int, n: int, confidence: float = LEAK_CONFIDENCE) -> flo
     return float(beta.ppf(confidence, leaked + 1, n - leaked))
 
 
+def would_emit(policy: Policy, outputs: Iterable[ClassifierOutput]) -> np.ndarray:
+    """Whether the device's filter would emit a signal for each classifier output were the query not
+    dropped as sensitive: asked of the filter itself (its share and "no interest" rules), with the
+    sensitivity threshold and the gazetteer out of the way. The threshold rule and the evaluation's
+    leak curve both count a sensitive query as leaked only when this is true."""
+    device_filter = PrivacyFilter(policy, sensitive_threshold=1.0, options=FilterOptions(gazetteer=False))
+    return np.array([bool(device_filter.select_interests(o, 0)) for o in outputs], dtype=bool)
+
+
 def pick_threshold(p_sensitive: np.ndarray, emits: np.ndarray, is_sensitive: np.ndarray) -> float:
     """Highest sensitivity threshold at which no more than ``allowed_leaks`` of the sensitive
     calibration queries would still come out as a signal.
@@ -562,12 +573,8 @@ def calibrate_and_describe(
     texts = [normalize_text(e.text) for e in calib]
     p_int, p_sen = onnx_probabilities(out / "classifier.onnx", tokenizer, texts)
     flagged = 1.0 - p_sen[:, 0]
-    # Would the device emit a signal for the query if it were not flagged? Asked of the filter itself.
     labels = ClassifierMeta(interest_labels, sensitive_labels, 1.0, MAX_TOKENS, {}, {})
-    device_filter = PrivacyFilter(Policy.load(out), sensitive_threshold=1.0, options=FilterOptions())
-    emits = np.array(
-        [bool(device_filter.select_interests(o, 0)) for o in outputs_from_probabilities(labels, p_int, p_sen)]
-    )
+    emits = would_emit(Policy.load(out), outputs_from_probabilities(labels, p_int, p_sen))
     is_sensitive = np.array([e.sensitive != NONE_LABEL for e in calib])
     threshold = pick_threshold(flagged, emits, is_sensitive)
     leaked = is_sensitive & emits & (flagged < threshold)

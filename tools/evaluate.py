@@ -40,7 +40,7 @@ from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES, Policy
 from tools import modeldata
-from tools.build_models import upper_bound
+from tools.build_models import upper_bound, would_emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,12 +180,11 @@ def filter_parts(
     dropped when it reaches the threshold), whether the gazetteer names a listed term (dropped whatever
     the threshold) and whether the filter would emit a signal were the query not dropped."""
     outputs = models.classifier.classify_batch([e.text for e in examples])
-    device_filter = PrivacyFilter(models.policy, sensitive_threshold=1.0, options=FilterOptions())
     score = np.array([o.sensitive for o in outputs])
     named = np.array(
         [models.gazetteer is not None and models.gazetteer.match(e.text) is not None for e in examples]
     )
-    emits = np.array([bool(device_filter.select_interests(o, 0)) for o in outputs])
+    emits = would_emit(models.policy, outputs)
     return score, named, emits
 
 

@@ -77,3 +77,27 @@ def test_too_few_sensitive_calibration_queries_is_an_error() -> None:
     p, emits, is_sensitive = _calibration(100, 1000)
     with pytest.raises(ValueError, match="cannot show a leak rate"):
         pick_threshold(p, emits, is_sensitive)
+
+
+def test_would_emit_asks_the_filter_share_and_no_interest_rules_not_the_threshold() -> None:
+    from sotto.edge.classifier import ClassifierOutput
+    from sotto.policy import Policy
+    from tools.build_models import would_emit
+
+    policy = Policy.load(ROOT / "models")
+    cid = sorted(policy.interest_ids)[0]
+    other = sorted(policy.interest_ids)[1]
+
+    def output(top: float, second: float, none: float, sensitive: float) -> ClassifierOutput:
+        return ClassifierOutput([(cid, top), (other, second)], none, sensitive, "health")
+
+    emits = would_emit(
+        policy,
+        [
+            output(0.8, 0.1, 0.1, 0.0),  # commercial and sharp
+            output(0.8, 0.1, 0.1, 0.99),  # flagged: still "would emit" (the leak counts need that)
+            output(0.1, 0.05, 0.85, 0.0),  # "no interest"
+            output(0.2, 0.2, 0.1, 0.0),  # commercial but no category at the filter's 30% share
+        ],
+    )
+    assert emits.tolist() == [True, True, False, False]
