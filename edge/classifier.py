@@ -24,6 +24,9 @@ from sotto.edge.asr import ModelError, sha256_file
 from sotto.policy import models_dir
 
 NONE_LABEL = "none"
+#: The commercial gate of a model whose metadata states none: models calibrated before the gate was
+#: part of calibration were calibrated at this value.
+DEFAULT_MAX_NO_INTEREST = 0.5
 #: Classifier runtimes: the key of each in classifier.json's "files".
 BACKENDS = ("onnx", "tflite")
 #: TFLite tensor names, as tools/tflite_export.py writes them, in one signature per input length.
@@ -72,6 +75,8 @@ class ClassifierMeta:
     max_tokens: int
     files: dict[str, str]
     sha256: dict[str, str]
+    #: The commercial gate chosen with the threshold: P(no interest) below it makes a query commercial.
+    max_no_interest: float = DEFAULT_MAX_NO_INTEREST
 
     @classmethod
     def load(cls, path: Path) -> ClassifierMeta:
@@ -84,6 +89,9 @@ class ClassifierMeta:
                 max_tokens=int(raw["max_tokens"]),
                 files=dict(raw["files"]),
                 sha256=dict(raw["sha256"]),
+                max_no_interest=_unit_interval(
+                    "max_no_interest", raw.get("max_no_interest", DEFAULT_MAX_NO_INTEREST)
+                ),
             )
         except FileNotFoundError:
             raise ModelError(
@@ -91,6 +99,12 @@ class ClassifierMeta:
             ) from None
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: malformed classifier metadata ({exc})") from None
+
+
+def _unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def outputs_from_probabilities(

@@ -171,8 +171,13 @@ class Pipeline:
     ) -> None:
         self.models = models
         self.region = canonical_region(region)
+        meta = models.classifier.meta
         self.filter = PrivacyFilter(
-            models.policy, models.classifier.meta.sensitive_threshold, models.config.filter, models.gazetteer
+            models.policy,
+            meta.sensitive_threshold,
+            models.config.filter,
+            models.gazetteer,
+            max_no_interest=meta.max_no_interest,
         )
         self.filter.set_opt_out(opted_out)
         self.filter.set_minor(minor)

@@ -11,7 +11,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from sotto.edge.classifier import ClassifierOutput
+from sotto.edge.classifier import DEFAULT_MAX_NO_INTEREST, ClassifierOutput
 from sotto.edge.gazetteer import Gazetteer
 from sotto.policy import Policy
 from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, Signal, day_number
@@ -23,8 +23,11 @@ DROP_REASONS = ("sensitive", "region", "opt_out", "minor", "no_speech", "no_inte
 class FilterOptions:
     """Thresholds of the filter (the sensitivity threshold comes from the model's metadata)."""
 
-    #: An utterance is commercial only when P(no interest) is below this.
-    max_no_interest: float = 0.5
+    #: Override the model's commercial gate: an utterance is commercial only when P(no interest) is
+    #: below it. The model's own gate (``max_no_interest`` in classifier.json) was chosen together with
+    #: its sensitivity threshold; a looser one lets more missed sensitive queries through than the
+    #: threshold was calibrated for.
+    max_no_interest: float | None = None
     #: A category becomes a signal only with at least this share of the interest probability mass
     #: (related categories split the mass: "running shoes" is Sports Equipment and Fitness).
     min_share: float = 0.3
@@ -59,6 +62,7 @@ class PrivacyFilter:
         sensitive_threshold: float,
         options: FilterOptions | None = None,
         gazetteer: Gazetteer | None = None,
+        max_no_interest: float = DEFAULT_MAX_NO_INTEREST,
     ) -> None:
         self.policy = policy
         self.options = options or FilterOptions()
@@ -71,6 +75,12 @@ class PrivacyFilter:
         )
         if not 0.0 < self.sensitive_threshold <= 1.0:
             raise ValueError(f"sensitive threshold must be in (0, 1], got {self.sensitive_threshold}")
+        #: The commercial gate: the model's (``max_no_interest``) unless the options override it.
+        self.max_no_interest = (
+            self.options.max_no_interest if self.options.max_no_interest is not None else max_no_interest
+        )
+        if not 0.0 < self.max_no_interest <= 1.0:
+            raise ValueError(f"max_no_interest must be in (0, 1], got {self.max_no_interest}")
         self.opted_out = False
         self.minor = False
 
@@ -99,7 +109,7 @@ class PrivacyFilter:
     def select_interests(self, output: ClassifierOutput, day: int) -> list[Signal]:
         """The signals an utterance yields if it is not sensitive: none unless it is commercial, then the
         leading categories, weighted by their share of the interest probability mass."""
-        if output.no_interest >= self.options.max_no_interest:
+        if output.no_interest >= self.max_no_interest:
             return []
         mass = 1.0 - output.no_interest
         signals: list[Signal] = []

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import numpy as np
 
 from sotto.edge.asr import sha256_file
 from sotto.edge.classifier import (
+    DEFAULT_MAX_NO_INTEREST,
     NONE_LABEL,
     ClassifierMeta,
     ClassifierOutput,
@@ -81,6 +83,13 @@ REPEAT_HANDWRITTEN = 2
 LEAK_BUDGET = 0.008
 LEAK_CONFIDENCE = 0.95
 CALIBRATION_SHARE = 0.15
+#: Commercial gates tried at calibration (a query is commercial when P(no interest) is below the gate),
+#: each with its own threshold under the same leak budget; pick_gate chooses among them. A stricter gate
+#: lets fewer sensitive queries emit, so the threshold can drop fewer benign ones.
+GATES = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
+#: The share of no-interest queries that must give no signal (the evaluation's target) for pick_gate to
+#: prefer a gate.
+SILENT_TARGET = 0.95
 #: Distillation from the teacher's soft labels (--teacher-labels): the weight of the soft loss beside the
 #: hard one, the temperature both distributions are softened with, and how many texts that are in no
 #: split of the recipe (only in the transfer set) join each epoch, with caps for the templated public sets.
@@ -526,13 +535,74 @@ def upper_bound(leaked: int, n: int, confidence: float = LEAK_CONFIDENCE) -> flo
     return float(beta.ppf(confidence, leaked + 1, n - leaked))
 
 
-def would_emit(policy: Policy, outputs: Iterable[ClassifierOutput]) -> np.ndarray:
+def would_emit(
+    policy: Policy, outputs: Iterable[ClassifierOutput], max_no_interest: float = DEFAULT_MAX_NO_INTEREST
+) -> np.ndarray:
     """Whether the device's filter would emit a signal for each classifier output were the query not
-    dropped as sensitive: asked of the filter itself (its share and "no interest" rules), with the
-    sensitivity threshold and the gazetteer out of the way. The threshold rule and the evaluation's
-    leak curve both count a sensitive query as leaked only when this is true."""
-    device_filter = PrivacyFilter(policy, sensitive_threshold=1.0, options=FilterOptions(gazetteer=False))
+    dropped as sensitive: asked of the filter itself (its commercial gate ``max_no_interest`` and its
+    share rule), with the sensitivity threshold and the gazetteer out of the way. The threshold rule
+    and the evaluation's leak curve both count a sensitive query as leaked only when this is true."""
+    device_filter = PrivacyFilter(
+        policy,
+        sensitive_threshold=1.0,
+        options=FilterOptions(gazetteer=False),
+        max_no_interest=max_no_interest,
+    )
     return np.array([bool(device_filter.select_interests(o, 0)) for o in outputs], dtype=bool)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A commercial gate with the sensitivity threshold the rule sets for it on the calibration split,
+    and what the pair costs there."""
+
+    max_no_interest: float
+    threshold: float
+    #: Benign interest calibration queries the threshold drops as sensitive.
+    interest_dropped: int
+    interest_total: int
+    #: Share of the no-interest calibration queries that give no signal (dropped or not commercial).
+    none_silent: float
+
+
+def operating_points(
+    flagged: np.ndarray,
+    outputs: list[ClassifierOutput],
+    calib: list[modeldata.Example],
+    policy: Policy,
+    gates: tuple[float, ...] = GATES,
+) -> list[OperatingPoint]:
+    """For each commercial gate, the threshold ``pick_threshold`` sets (the same leak budget at every
+    gate: a stricter gate lets fewer sensitive queries emit, so the threshold can be looser) and its
+    cost on the benign side of the calibration split."""
+    is_sensitive = np.array([e.sensitive != NONE_LABEL for e in calib])
+    interest = ~is_sensitive & np.array([e.interest not in (None, NONE_LABEL) for e in calib])
+    no_interest = ~is_sensitive & np.array([e.interest == NONE_LABEL for e in calib])
+    points = []
+    for gate in gates:
+        emits = would_emit(policy, outputs, gate)
+        threshold = pick_threshold(flagged, emits, is_sensitive)
+        dropped = flagged >= threshold
+        points.append(
+            OperatingPoint(
+                max_no_interest=gate,
+                threshold=threshold,
+                interest_dropped=int(dropped[interest].sum()),
+                interest_total=int(interest.sum()),
+                none_silent=float(np.mean((dropped | ~emits)[no_interest])) if no_interest.any() else 0.0,
+            )
+        )
+    return points
+
+
+def pick_gate(points: list[OperatingPoint]) -> OperatingPoint:
+    """The operating point the device ships: every point keeps the same leak budget, so the fewest benign
+    interest queries dropped comes first; among those, one whose no-interest queries stay silent
+    (``SILENT_TARGET``); then the loosest gate, which lets the most interest queries through."""
+    return min(
+        points,
+        key=lambda p: (p.interest_dropped, p.none_silent < SILENT_TARGET, -p.max_no_interest),
+    )
 
 
 def pick_threshold(p_sensitive: np.ndarray, emits: np.ndarray, is_sensitive: np.ndarray) -> float:
@@ -574,13 +644,21 @@ def calibrate_and_describe(
     p_int, p_sen = onnx_probabilities(out / "classifier.onnx", tokenizer, texts)
     flagged = 1.0 - p_sen[:, 0]
     labels = ClassifierMeta(interest_labels, sensitive_labels, 1.0, MAX_TOKENS, {}, {})
-    emits = would_emit(Policy.load(out), outputs_from_probabilities(labels, p_int, p_sen))
+    outputs = outputs_from_probabilities(labels, p_int, p_sen)
+    points = operating_points(flagged, outputs, calib, Policy.load(out))
+    for p in points:
+        log(
+            f"gate P(no interest) < {p.max_no_interest}: threshold {p.threshold:.4f}, benign interest "
+            f"dropped {p.interest_dropped}/{p.interest_total}, no-interest silent {p.none_silent:.4f}"
+        )
+    chosen = pick_gate(points)
+    threshold = chosen.threshold
+    emits = would_emit(Policy.load(out), outputs, chosen.max_no_interest)
     is_sensitive = np.array([e.sensitive != NONE_LABEL for e in calib])
-    threshold = pick_threshold(flagged, emits, is_sensitive)
     leaked = is_sensitive & emits & (flagged < threshold)
     log(
-        f"sensitive threshold {threshold:.4f}: calibration leak {leaked.sum() / is_sensitive.sum():.4f}, "
-        f"recall {np.mean(flagged[is_sensitive] >= threshold):.4f}, "
+        f"chosen: gate {chosen.max_no_interest}, sensitive threshold {threshold:.4f}: calibration leak "
+        f"{leaked.sum() / is_sensitive.sum():.4f}, recall {np.mean(flagged[is_sensitive] >= threshold):.4f}, "
         f"benign flagged {np.mean(flagged[~is_sensitive] >= threshold):.4f}"
     )
     # Ship the tokenizer as the device uses it: truncated to MAX_TOKENS, no padding.
@@ -594,6 +672,7 @@ def calibrate_and_describe(
         "interest_labels": interest_labels,
         "sensitive_labels": sensitive_labels,
         "sensitive_threshold": round(threshold, 6),
+        "max_no_interest": chosen.max_no_interest,
         "sensitive_leak_budget": LEAK_BUDGET,
         "sensitive_leak_confidence": LEAK_CONFIDENCE,
         "max_tokens": MAX_TOKENS,

@@ -184,7 +184,7 @@ def filter_parts(
     named = np.array(
         [models.gazetteer is not None and models.gazetteer.match(e.text) is not None for e in examples]
     )
-    emits = would_emit(models.policy, outputs)
+    emits = would_emit(models.policy, outputs, models.classifier.meta.max_no_interest)
     return score, named, emits
 
 
@@ -358,7 +358,7 @@ def render(
         f"Held-out evaluation: {_counts(first)}. Command: `{command}`.",
     ]
     if exam:
-        lines.append(f"Final exam (evaluated once, for this model): {_counts(next(iter(exam.values())))}.")
+        lines.append(f"Final exam (measured, never used to choose): {_counts(next(iter(exam.values())))}.")
     lines += [
         "",
         "| metric | " + " | ".join(titles + exam_titles) + " | baseline (TF-IDF + LR) | target |",

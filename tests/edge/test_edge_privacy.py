@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
 
 import pytest
-from edge_testkit import CATS, DOGS, MOVIES, MUSIC, TODAY, output
+from edge_testkit import CATS, DOGS, MOVIES, MUSIC, REPO, TODAY, output
 
 from sotto.edge.privacy import (
     DROP_REASONS,
@@ -129,6 +131,52 @@ def test_share_is_of_the_interest_mass(policy: Policy) -> None:
 def test_mostly_no_interest_is_dropped(policy: Policy, no_interest: float) -> None:
     decision = _filter(policy).decide(output([(MUSIC, 1 - no_interest)], no_interest=no_interest), TODAY)
     assert decision == Dropped("no_interest", None)
+
+
+def test_the_models_commercial_gate_is_applied_and_options_can_only_override_it(policy: Policy) -> None:
+    # P(no interest) 0.35: commercial under the old 0.5 gate, not under a model calibrated at 0.3.
+    query = output([(MUSIC, 0.65)], no_interest=0.35)
+    model_gate = PrivacyFilter(policy, THRESHOLD, max_no_interest=0.3)
+    assert model_gate.max_no_interest == 0.3
+    assert model_gate.decide(query, TODAY) == Dropped("no_interest", None)
+    assert model_gate.decide(output([(MUSIC, 0.75)], no_interest=0.25), TODAY) == [
+        Signal(MUSIC, 4, day_number(TODAY))
+    ]
+    looser = PrivacyFilter(policy, THRESHOLD, FilterOptions(max_no_interest=0.5), max_no_interest=0.3)
+    assert looser.max_no_interest == 0.5
+    assert looser.decide(query, TODAY) == [Signal(MUSIC, 4, day_number(TODAY))]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_commercial_gate_outside_unit_interval_is_refused(policy: Policy, bad: float) -> None:
+    with pytest.raises(ValueError, match="max_no_interest"):
+        PrivacyFilter(policy, THRESHOLD, max_no_interest=bad)
+    with pytest.raises(ValueError, match="max_no_interest"):
+        PrivacyFilter(policy, THRESHOLD, FilterOptions(max_no_interest=bad))
+
+
+def test_the_shipped_gate_comes_from_classifier_json_and_reaches_the_pipeline(tmp_path: Path) -> None:
+    from sotto.edge.asr import ModelError
+    from sotto.edge.classifier import DEFAULT_MAX_NO_INTEREST, ClassifierMeta
+    from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
+    from sotto.policy import models_dir
+
+    shipped = Path(models_dir()) / "classifier.json"
+    raw = json.loads(shipped.read_text(encoding="utf-8"))
+    meta = ClassifierMeta.load(shipped)
+    assert meta.max_no_interest == raw["max_no_interest"]
+    assert Pipeline(EdgeModels(EdgeConfig()), region="US").filter.max_no_interest == meta.max_no_interest
+    # The README states the shipped gate.
+    assert f"{meta.max_no_interest:g} today" in (REPO / "README.md").read_text(encoding="utf-8")
+    # A model calibrated before the gate was part of calibration was calibrated at the old gate.
+    del raw["max_no_interest"]
+    (tmp_path / "old.json").write_text(json.dumps(raw), encoding="utf-8")
+    assert ClassifierMeta.load(tmp_path / "old.json").max_no_interest == DEFAULT_MAX_NO_INTEREST
+    for bad in (0, 1.5, "0.3", True, None):
+        raw["max_no_interest"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(raw), encoding="utf-8")
+        with pytest.raises(ModelError, match="max_no_interest"):
+            ClassifierMeta.load(tmp_path / "bad.json")
 
 
 def test_empty_ranking_is_no_interest(policy: Policy) -> None:

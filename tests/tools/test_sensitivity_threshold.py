@@ -101,3 +101,57 @@ def test_would_emit_asks_the_filter_share_and_no_interest_rules_not_the_threshol
         ],
     )
     assert emits.tolist() == [True, True, False, False]
+
+
+def test_the_gate_drops_fewest_benign_queries_first_then_keeps_no_interest_silent_then_is_loosest() -> None:
+    from tools.build_models import SILENT_TARGET, OperatingPoint, pick_gate
+
+    def point(gate: float, dropped: int, silent: float) -> OperatingPoint:
+        return OperatingPoint(gate, 0.1, dropped, 1000, silent)
+
+    loud = point(0.5, 120, SILENT_TARGET - 0.01)
+    fewer_drops_loud = point(0.45, 100, SILENT_TARGET - 0.01)
+    fewer_drops_silent = point(0.3, 100, SILENT_TARGET)
+    stricter_silent = point(0.2, 100, SILENT_TARGET + 0.02)
+    assert pick_gate([loud, fewer_drops_loud]) == fewer_drops_loud
+    assert pick_gate([loud, fewer_drops_loud, fewer_drops_silent, stricter_silent]) == fewer_drops_silent
+    assert pick_gate([loud, point(0.2, 119, 0.5)]).max_no_interest == 0.2
+
+
+def test_each_gate_gets_its_own_threshold_under_the_same_budget() -> None:
+    from sotto.edge.classifier import ClassifierOutput
+    from sotto.policy import Policy
+    from tools import modeldata
+    from tools.build_models import allowed_leaks, operating_points
+
+    policy = Policy.load(ROOT / "models")
+    cid = sorted(policy.interest_ids)[0]
+    rng = np.random.default_rng(7)
+    n_sensitive = 1300  # allows 4 leaks
+    calib, outputs, flagged = [], [], []
+    for i in range(n_sensitive):
+        # Sensitive queries the detector scores low on, half of them plainly commercial, half only at
+        # P(no interest) 0.4: the 0.5 gate lets them emit, the 0.3 gate does not.
+        no_interest = 0.1 if i % 2 else 0.4
+        calib.append(modeldata.Example(f"s{i}", None, "health", "test", "train"))
+        outputs.append(ClassifierOutput([(cid, 1 - no_interest)], no_interest, 0.0, "health"))
+        flagged.append(rng.uniform(0.0, 0.5))
+    for i in range(400):
+        calib.append(modeldata.Example(f"b{i}", cid, "none", "test", "train"))
+        outputs.append(ClassifierOutput([(cid, 0.9)], 0.1, 0.0, "health"))
+        flagged.append(rng.uniform(0.0, 0.2))
+    points = {
+        p.max_no_interest: p for p in operating_points(np.array(flagged), outputs, calib, policy, (0.5, 0.3))
+    }
+    assert allowed_leaks(n_sensitive) == 4
+    # Fewer sensitive queries emit under the stricter gate, so its threshold is looser (higher), and it
+    # drops no more benign queries.
+    assert points[0.3].threshold > points[0.5].threshold
+    assert points[0.3].interest_dropped <= points[0.5].interest_dropped
+    for gate, p in points.items():
+        at_risk = [
+            f
+            for f, o, e in zip(flagged, outputs, calib, strict=True)
+            if e.sensitive != "none" and o.no_interest < gate
+        ]
+        assert sum(f < p.threshold for f in at_risk) <= 4
