@@ -365,10 +365,13 @@ def render(
         "| --- | " + " | ".join("---" for _ in titles + exam_titles) + " | --- | --- |",
     ]
 
-    def verdicts(key: str, values: list[float]) -> str:
+    def verdicts(key: str, values: list[float], exam_values: list[float] | None = None) -> str:
+        """The target's verdict; the held-out and final-exam ones named apart when they differ."""
         if key not in TARGETS:
             return ""
-        return "; ".join(sorted({check(key, v) for v in values}))
+        held = "; ".join(sorted({check(key, v) for v in values}))
+        on_exam = "; ".join(sorted({check(key, v) for v in exam_values or []}))
+        return held if not exam_values or on_exam == held else f"held-out: {held}; final exam: {on_exam}"
 
     for label, key in METRIC_ROWS:
         values = [results[n]["metrics"][key] for n in names]
@@ -376,7 +379,7 @@ def render(
         lines.append(
             f"| {label} | "
             + " | ".join(_pct(v) for v in values + exam_values)
-            + f" | {_pct(base[key]) if base else 'not run'} | {verdicts(key, values + exam_values)} |"
+            + f" | {_pct(base[key]) if base else 'not run'} | {verdicts(key, values, exam_values)} |"
         )
     blank = "".join(" | " for _ in exam_titles)
     lat = [results[n]["latency_ms"] for n in names]

@@ -83,3 +83,21 @@ def test_bad_models_folder_is_refused(tmp_path: Path) -> None:
         evaluate.main(["--models", str(tmp_path)])
     with pytest.raises(SystemExit):
         evaluate.main(["--previous", str(evaluate.ROOT / "models")])
+
+
+def test_verdicts_name_the_set_when_held_out_and_final_exam_differ() -> None:
+    metrics: dict[str, object] = {key: 0.0 for _, key in evaluate.METRIC_ROWS}
+    metrics |= {
+        "counts": {"interest": 1, "no_interest": 1, "sensitive": 1, "benign": 2},
+        "leak_by_class": {},
+        "tier1_confusion": [],
+    }
+    held = {**metrics, "sensitive_leak_rate_worst_class": 0.011}
+    exam = {**metrics, "sensitive_leak_rate_worst_class": 0.041}
+    results = {"onnx": {"metrics": held, "latency_ms": (1.0, 2.0), "size_mb": 1.0}}
+    report = evaluate.render(results, None, None, "cmd", {"onnx": exam})
+    row = next(line for line in report.splitlines() if "leak, worst class" in line)
+    assert row.endswith("| held-out: meets <= 0.015; final exam: MISSES <= 0.015 |")
+    both = evaluate.render(results, None, None, "cmd", {"onnx": held})
+    row = next(line for line in both.splitlines() if "leak, worst class" in line)
+    assert row.endswith("| meets <= 0.015 |")
