@@ -563,6 +563,9 @@ class OperatingPoint:
     interest_total: int
     #: Share of the no-interest calibration queries that give no signal (dropped or not commercial).
     none_silent: float
+    #: Sensitive calibration queries that would still come out as a signal (at most ``allowed_leaks``).
+    leaked: int
+    sensitive_total: int
 
 
 def operating_points(
@@ -590,6 +593,8 @@ def operating_points(
                 interest_dropped=int(dropped[interest].sum()),
                 interest_total=int(interest.sum()),
                 none_silent=float(np.mean((dropped | ~emits)[no_interest])) if no_interest.any() else 0.0,
+                leaked=int((is_sensitive & emits & ~dropped).sum()),
+                sensitive_total=int(is_sensitive.sum()),
             )
         )
     return points
@@ -653,12 +658,11 @@ def calibrate_and_describe(
         )
     chosen = pick_gate(points)
     threshold = chosen.threshold
-    emits = would_emit(Policy.load(out), outputs, chosen.max_no_interest)
     is_sensitive = np.array([e.sensitive != NONE_LABEL for e in calib])
-    leaked = is_sensitive & emits & (flagged < threshold)
     log(
         f"chosen: gate {chosen.max_no_interest}, sensitive threshold {threshold:.4f}: calibration leak "
-        f"{leaked.sum() / is_sensitive.sum():.4f}, recall {np.mean(flagged[is_sensitive] >= threshold):.4f}, "
+        f"{chosen.leaked / chosen.sensitive_total:.4f}, "
+        f"recall {np.mean(flagged[is_sensitive] >= threshold):.4f}, "
         f"benign flagged {np.mean(flagged[~is_sensitive] >= threshold):.4f}"
     )
     # Ship the tokenizer as the device uses it: truncated to MAX_TOKENS, no padding.
