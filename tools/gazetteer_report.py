@@ -62,11 +62,14 @@ def both_decisions(
     the model or gazetteer: (top signal id or None, drop reason or None) per example. The classifier
     runs once per example."""
     outputs = [models.classifier.classify(ex.text) for ex in examples]
+    gate = models.classifier.meta.max_no_interest  # the commercial gate the device applies
     result = []
     for threshold in thresholds or [models.classifier.meta.sensitive_threshold]:
         filters = (
-            PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=False)),
-            PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=True), gazetteer),
+            PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=False), max_no_interest=gate),
+            PrivacyFilter(
+                models.policy, threshold, FilterOptions(gazetteer=True), gazetteer, max_no_interest=gate
+            ),
         )
         out: tuple[list[Decision], list[Decision]] = ([], [])
         for ex, output in zip(examples, outputs, strict=True):

@@ -45,3 +45,19 @@ def test_a_stricter_threshold_drops_at_least_as_much() -> None:
     loose, strict = gazetteer_report.both_decisions(examples, models, Gazetteer.load(), [1.0, 1e-9])
     assert strict[0] == strict[1] == [(None, "sensitive")]
     assert loose[0][0][0] is not None
+
+
+def test_both_columns_apply_the_models_commercial_gate(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sotto.edge.classifier import ClassifierOutput
+
+    models = EdgeModels(EdgeConfig(filter=FilterOptions(gazetteer=False)))
+    gate = models.classifier.meta.max_no_interest
+    # Commercial under a gate of 0.5, not under the model's own when it is stricter: the report must
+    # decide as the device does.
+    no_interest = (gate + 0.5) / 2 if gate < 0.5 else gate - 0.01
+    made = ClassifierOutput([("338", 1 - no_interest)], no_interest, 0.0, "health")
+    monkeypatch.setattr(models.classifier, "classify", lambda text: made)
+    examples = [modeldata.Example("play some jazz in the kitchen", "338", "none", "t", "eval")]
+    [(alone, with_gazetteer)] = gazetteer_report.both_decisions(examples, models, Gazetteer.load())
+    expected = (None, "no_interest") if no_interest >= gate else ("338", None)
+    assert alone == with_gazetteer == [expected]
