@@ -171,13 +171,8 @@ class Pipeline:
     ) -> None:
         self.models = models
         self.region = canonical_region(region)
-        meta = models.classifier.meta
-        self.filter = PrivacyFilter(
-            models.policy,
-            meta.sensitive_threshold,
-            models.config.filter,
-            models.gazetteer,
-            max_no_interest=meta.max_no_interest,
+        self.filter = PrivacyFilter.for_model(
+            models.policy, models.classifier.meta, models.config.filter, models.gazetteer
         )
         self.filter.set_opt_out(opted_out)
         self.filter.set_minor(minor)

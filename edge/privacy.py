@@ -11,7 +11,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from sotto.edge.classifier import DEFAULT_MAX_NO_INTEREST, ClassifierOutput
+from sotto.edge.classifier import DEFAULT_MAX_NO_INTEREST, ClassifierMeta, ClassifierOutput
 from sotto.edge.gazetteer import Gazetteer
 from sotto.policy import Policy
 from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, Signal, day_number
@@ -83,6 +83,24 @@ class PrivacyFilter:
             raise ValueError(f"max_no_interest must be in (0, 1], got {self.max_no_interest}")
         self.opted_out = False
         self.minor = False
+
+    @classmethod
+    def for_model(
+        cls,
+        policy: Policy,
+        meta: ClassifierMeta,
+        options: FilterOptions | None = None,
+        gazetteer: Gazetteer | None = None,
+    ) -> PrivacyFilter:
+        """The filter at the operating point the model was calibrated for: its sensitivity threshold and
+        its commercial gate together, from classifier.json (``options`` may still override either)."""
+        return cls(
+            policy,
+            meta.sensitive_threshold,
+            options,
+            gazetteer,
+            max_no_interest=meta.max_no_interest,
+        )
 
     def set_opt_out(self, opted_out: bool) -> None:
         """The wearer's switch: while set, no utterance yields a signal."""

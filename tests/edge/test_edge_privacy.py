@@ -147,6 +147,19 @@ def test_the_models_commercial_gate_is_applied_and_options_can_only_override_it(
     assert looser.decide(query, TODAY) == [Signal(MUSIC, 4, day_number(TODAY))]
 
 
+def test_a_filter_for_the_model_takes_its_threshold_and_gate_together(policy: Policy) -> None:
+    from sotto.edge.classifier import ClassifierMeta
+
+    meta = ClassifierMeta([MUSIC, "none"], ["none", "health"], 0.07, 64, {}, {}, max_no_interest=0.3)
+    device = PrivacyFilter.for_model(policy, meta)
+    assert (device.sensitive_threshold, device.max_no_interest) == (0.07, 0.3)
+    # Commercial under the filter's fallback gate of 0.5, not at the gate this model was calibrated at.
+    assert device.decide(output([(MUSIC, 0.65)], no_interest=0.35), TODAY) == Dropped("no_interest", None)
+    assert device.decide(output([(MUSIC, 0.9)], sensitive=0.08), TODAY) == Dropped("sensitive", "health")
+    stricter = PrivacyFilter.for_model(policy, meta, FilterOptions(sensitive_threshold=0.01))
+    assert (stricter.sensitive_threshold, stricter.max_no_interest) == (0.01, 0.3)
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
 def test_commercial_gate_outside_unit_interval_is_refused(policy: Policy, bad: float) -> None:
     with pytest.raises(ValueError, match="max_no_interest"):
