@@ -376,11 +376,14 @@ def label(
     max_minutes: float | None,
     limit: int | None = None,
     chunk: int = LABEL_CHUNK,
+    reuse: Path | None = None,
 ) -> bool:
     """Write the teacher's logits for the transfer set to ``out``; True when complete.
 
     Works in chunks of ``chunk`` texts (by key order), each kept under ``run_dir/labels`` once done, so
-    an interrupted run goes on where it stopped; the file is written when every chunk is there."""
+    an interrupted run goes on where it stopped; the file is written when every chunk is there.
+    ``reuse``: a soft-label file this same teacher wrote; its rows are copied and only the texts it
+    lacks are labelled (chunks under ``run_dir/labels-<digest>``), so adding texts costs only them."""
     torch = _setup_torch()
     final_path = run_dir / "train" / "model.pt"
     if not final_path.is_file():
@@ -392,7 +395,19 @@ def label(
     saved = torch.load(final_path, weights_only=False)
     model_sha = sha256_file(final_path)
     parts = run_dir / "labels"
-    fingerprint = {"model_sha256": model_sha, "texts": len(rows), "chunk": chunk}
+    fingerprint: dict[str, Any] = {"model_sha256": model_sha, "texts": len(rows), "chunk": chunk}
+    old: teacher_labels.SoftLabels | None = None
+    all_rows = rows
+    if reuse is not None:
+        old = teacher_labels.read_soft_labels(reuse, interest_labels, sensitive_labels)
+        if old.meta.get("teacher_sha256") != model_sha:
+            raise SystemExit(f"{reuse}: written by another teacher ({old.meta.get('teacher_sha256')})")
+        known = old.rows()
+        rows = [row for row in rows if row[0] not in known]
+        digest = hashlib.sha256("".join(k for k, _, _ in rows).encode()).hexdigest()
+        parts = run_dir / f"labels-{digest[:12]}"
+        fingerprint.update(texts=len(rows), keys_sha256=digest, reused=len(all_rows) - len(rows))
+        log(f"reusing {len(all_rows) - len(rows)} rows of {reuse}; labelling {len(rows)} texts")
     stamp = parts / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) != fingerprint:
         raise SystemExit(f"{parts} holds labels of another model or transfer set; remove it to relabel")
@@ -438,14 +453,29 @@ def label(
         with np.load(parts / f"part-{c:05d}.npz") as data:
             interest.append(data["interest"])
             sensitive.append(data["sensitive"])
+    new_interest = np.concatenate(interest) if interest else np.zeros((0, len(interest_labels)), np.float32)
+    new_sensitive = (
+        np.concatenate(sensitive) if sensitive else np.zeros((0, len(sensitive_labels)), np.float32)
+    )
+    if old is not None:
+        # Every row of the transfer set, from the old file or from this run, in the transfer set's order.
+        known, fresh = old.rows(), {k: i for i, (k, _, _) in enumerate(rows)}
+        pick = [(known[k], -1) if k in known else (-1, fresh[k]) for k, _, _ in all_rows]
+        new_interest = np.stack([old.interest[a] if a >= 0 else new_interest[b] for a, b in pick]).astype(
+            np.float32
+        )
+        new_sensitive = np.stack([old.sensitive[a] if a >= 0 else new_sensitive[b] for a, b in pick]).astype(
+            np.float32
+        )
+        rows = all_rows
     config = saved["config"]
     teacher_labels.write_soft_labels(
         out,
         teacher_labels.SoftLabels(
             keys=np.array([k for k, _, _ in rows]),
             groups=np.array([g for _, _, g in rows]),
-            interest=np.concatenate(interest),
-            sensitive=np.concatenate(sensitive),
+            interest=new_interest,
+            sensitive=new_sensitive,
             interest_labels=interest_labels,
             sensitive_labels=sensitive_labels,
             meta={
@@ -493,6 +523,15 @@ def smoke(run_dir: Path) -> None:
     assert label(interrupted, encoder, out, max_minutes=None, limit=400, chunk=100)
     interest_labels, sensitive_labels = build_models.label_lists(build_models.ROOT / "models")
     soft = teacher_labels.read_soft_labels(out, interest_labels, sensitive_labels)
+    # More texts later: only the new ones are labelled, the old rows are copied unchanged.
+    more = run_dir / "soft_labels_more.npz"
+    assert label(interrupted, encoder, more, max_minutes=None, limit=450, chunk=100, reuse=out)
+    grown = teacher_labels.read_soft_labels(more, interest_labels, sensitive_labels)
+    assert len(grown.keys) == 450 and grown.keys[:400].tolist() == soft.keys.tolist()
+    assert np.array_equal(grown.interest[:400], soft.interest)
+    assert np.array_equal(grown.sensitive[:400], soft.sensitive)
+    assert [p.name for p in sorted(interrupted.glob("labels-*/part-*"))] == ["part-00000.npz"]
+    log("labels reused: 400 rows copied, 50 new texts labelled")
     fit = training_examples(64)
     matched = build_models.soft_targets(fit, soft)
     assert matched is not None and int(matched[2].sum()) == len(fit), "training texts missing from the labels"
@@ -559,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps")
     for name in ("label", "run"):
         commands[name].add_argument("--out", type=Path, required=True, help="soft-label file to write")
+    commands["label"].add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a soft-label file of this teacher: copy its rows, label only the texts it lacks",
+    )
     args = parser.parse_args(argv)
     run_dir: Path = args.run_dir.resolve()
     if run_dir.is_relative_to(build_models.ROOT):
@@ -595,7 +640,15 @@ def _command(args: argparse.Namespace, run_dir: Path) -> int:
             )
         )
     if args.command in ("label", "run"):
-        steps.append(lambda: label(run_dir, _encoder(run_dir, args.encoder), args.out, max_minutes=left()))
+        steps.append(
+            lambda: label(
+                run_dir,
+                _encoder(run_dir, args.encoder),
+                args.out,
+                max_minutes=left(),
+                reuse=getattr(args, "reuse", None),
+            )
+        )
     for step in steps:
         if not step():
             return EXIT_UNFINISHED
