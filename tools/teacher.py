@@ -10,6 +10,7 @@ the repository keeps is its output, a soft-label file (tools/teacher_labels.py d
     nice -n 19 python -m tools.teacher train --run-dir /work/teacher-run --max-minutes 60
     nice -n 19 python -m tools.teacher train --run-dir /work/teacher-run --resume --max-minutes 60
     nice -n 19 python -m tools.teacher label --run-dir /work/teacher-run --out tools/data/teacher_labels.npz
+    python -m tools.teacher label --run-dir /work/teacher-run --reuse tools/data/teacher_labels.npz --out NEW
     python -m tools.teacher run --run-dir DIR --resume --max-minutes M --out FILE   # all three, resumable
     python -m tools.teacher smoke --run-dir /tmp/teacher-smoke   # the whole path on a tiny configuration
 
