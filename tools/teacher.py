@@ -400,14 +400,18 @@ def label(
     old: teacher_labels.SoftLabels | None = None
     all_rows = rows
     if reuse is not None:
-        old = teacher_labels.read_soft_labels(reuse, interest_labels, sensitive_labels)
+        try:
+            old = teacher_labels.read_soft_labels(reuse, interest_labels, sensitive_labels)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--reuse {reuse}: {exc}") from None
         if old.meta.get("teacher_sha256") != model_sha:
             raise SystemExit(f"{reuse}: written by another teacher ({old.meta.get('teacher_sha256')})")
         known = old.rows()
         rows = [row for row in rows if row[0] not in known]
         digest = hashlib.sha256("".join(k for k, _, _ in rows).encode()).hexdigest()
-        parts = run_dir / f"labels-{digest[:12]}"
-        fingerprint.update(texts=len(rows), keys_sha256=digest, reused=len(all_rows) - len(rows))
+        # The chunks depend on the teacher and the texts to label only, not on how many rows are copied.
+        parts = run_dir / f"labels-{model_sha[:8]}-{digest[:12]}"
+        fingerprint.update(texts=len(rows), keys_sha256=digest)
         log(f"reusing {len(all_rows) - len(rows)} rows of {reuse}; labelling {len(rows)} texts")
     stamp = parts / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) != fingerprint:
@@ -415,10 +419,11 @@ def label(
     parts.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(fingerprint) + "\n", encoding="utf-8")
 
-    tokenizer = load_tokenizer(encoder)
-    model = build_teacher(encoder, len(interest_labels), len(sensitive_labels))
-    model.load_state_dict(saved["model"])
-    model.eval()
+    if rows:  # with --reuse, there may be nothing left to label
+        tokenizer = load_tokenizer(encoder)
+        model = build_teacher(encoder, len(interest_labels), len(sensitive_labels))
+        model.load_state_dict(saved["model"])
+        model.eval()
     started = time.monotonic()
     n_chunks = math.ceil(len(rows) / chunk)
     done_here = 0
@@ -532,7 +537,12 @@ def smoke(run_dir: Path) -> None:
     assert np.array_equal(grown.interest[:400], soft.interest)
     assert np.array_equal(grown.sensitive[:400], soft.sensitive)
     assert [p.name for p in sorted(interrupted.glob("labels-*/part-*"))] == ["part-00000.npz"]
-    log("labels reused: 400 rows copied, 50 new texts labelled")
+    # Nothing new: every row copied, the teacher not even loaded.
+    same_path = run_dir / "same.npz"
+    assert label(interrupted, encoder, same_path, max_minutes=None, limit=450, chunk=100, reuse=more)
+    same = teacher_labels.read_soft_labels(same_path, interest_labels, sensitive_labels)
+    assert np.array_equal(same.interest, grown.interest) and np.array_equal(same.sensitive, grown.sensitive)
+    log("labels reused: 400 rows copied, 50 new texts labelled; then all 450 copied, none labelled")
     fit = training_examples(64)
     matched = build_models.soft_targets(fit, soft)
     assert matched is not None and int(matched[2].sum()) == len(fit), "training texts missing from the labels"
