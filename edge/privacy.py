@@ -11,7 +11,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from sotto.edge.classifier import DEFAULT_MAX_NO_INTEREST, ClassifierMeta, ClassifierOutput
+from sotto.edge.classifier import ClassifierMeta, ClassifierOutput
 from sotto.edge.gazetteer import Gazetteer
 from sotto.policy import Policy
 from sotto.wire import MAX_WEIGHT_LEVEL, WEIGHT_LEVELS, Signal, day_number
@@ -62,7 +62,8 @@ class PrivacyFilter:
         sensitive_threshold: float,
         options: FilterOptions | None = None,
         gazetteer: Gazetteer | None = None,
-        max_no_interest: float = DEFAULT_MAX_NO_INTEREST,
+        *,
+        max_no_interest: float,
     ) -> None:
         self.policy = policy
         self.options = options or FilterOptions()

@@ -35,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from sotto.edge.classifier import BACKENDS, NONE_LABEL, ClassifierMeta, outputs_from_probabilities
+from sotto.edge.classifier import (
+    BACKENDS,
+    DEFAULT_MAX_NO_INTEREST,
+    NONE_LABEL,
+    ClassifierMeta,
+    outputs_from_probabilities,
+)
 from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES, Policy
@@ -298,7 +304,7 @@ def baseline(
     p_int = interest.predict_proba(ev_text)
     # The device's own filter decides, exactly as for the shipped model (one sensitivity class here).
     meta = ClassifierMeta(list(interest.classes_), [NONE_LABEL, "sensitive"], thr, 0, {}, {})
-    device_filter = PrivacyFilter(policy, sensitive_threshold=thr)
+    device_filter = PrivacyFilter(policy, sensitive_threshold=thr, max_no_interest=DEFAULT_MAX_NO_INTEREST)
     outputs = outputs_from_probabilities(meta, p_int, np.stack([1.0 - p_sen, p_sen], axis=1))
     got: list[tuple[str | None, str | None]] = []
     for decision in (device_filter.decide(o, DAY) for o in outputs):

@@ -167,7 +167,7 @@ def test_the_shipped_gazetteer_leaves_everyday_meanings_alone(text: str) -> None
 def test_filter_drops_a_gazetteer_term_the_model_missed_with_its_class(
     policy: Policy, gazetteer: Gazetteer
 ) -> None:
-    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=True), gazetteer)
+    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=True), gazetteer, max_no_interest=0.5)
     benign_looking = output([(MUSIC, 0.9)], sensitive=0.1)
     assert privacy.decide(benign_looking, TODAY, "play songs for my zoloft playlist") == Dropped(
         "sensitive", "mental_health"
@@ -176,7 +176,7 @@ def test_filter_drops_a_gazetteer_term_the_model_missed_with_its_class(
 
 
 def test_the_models_class_is_reported_when_both_fire(policy: Policy, gazetteer: Gazetteer) -> None:
-    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=True), gazetteer)
+    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=True), gazetteer, max_no_interest=0.5)
     flagged = output([(MUSIC, 0.9)], sensitive=0.9, sensitive_class="health")
     assert privacy.decide(flagged, TODAY, "zoloft") == Dropped("sensitive", "health")
 
@@ -184,13 +184,13 @@ def test_the_models_class_is_reported_when_both_fire(policy: Policy, gazetteer: 
 def test_filter_refuses_to_decide_without_the_text_when_the_gazetteer_is_on(
     policy: Policy, gazetteer: Gazetteer
 ) -> None:
-    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=True), gazetteer)
+    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=True), gazetteer, max_no_interest=0.5)
     with pytest.raises(ValueError, match="needs the utterance's text"):
         privacy.decide(output([(MUSIC, 0.9)], sensitive=0.1), TODAY)
 
 
 def test_the_option_off_ignores_the_gazetteer(policy: Policy, gazetteer: Gazetteer) -> None:
-    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=False), gazetteer)
+    privacy = PrivacyFilter(policy, 0.8, FilterOptions(gazetteer=False), gazetteer, max_no_interest=0.5)
     assert isinstance(privacy.decide(output([(MUSIC, 0.9)], sensitive=0.1), TODAY, "zoloft"), list)
 
 

@@ -18,7 +18,7 @@ COMMERCIAL = "where can i buy a new laptop"
 
 
 def _gate(policy: Policy, region: str = "US", day: dt.date = TODAY, minor: bool = True) -> str | None:
-    privacy = PrivacyFilter(policy, 0.5)
+    privacy = PrivacyFilter(policy, 0.5, max_no_interest=0.5)
     privacy.set_minor(minor)
     dropped = privacy.gate(region, day)
     return None if dropped is None else dropped.reason

@@ -24,7 +24,7 @@ THRESHOLD = 0.8
 
 
 def _filter(policy: Policy, **options: object) -> PrivacyFilter:
-    return PrivacyFilter(policy, THRESHOLD, FilterOptions(**options))  # type: ignore[arg-type]
+    return PrivacyFilter(policy, THRESHOLD, FilterOptions(**options), max_no_interest=0.5)  # type: ignore[arg-type]
 
 
 # --- sensitivity ----------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def test_options_threshold_overrides_the_model_threshold(policy: Policy) -> None
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.01])
 def test_threshold_outside_unit_interval_is_refused(policy: Policy, bad: float) -> None:
     with pytest.raises(ValueError, match="sensitive threshold"):
-        PrivacyFilter(policy, bad)
+        PrivacyFilter(policy, bad, max_no_interest=0.5)
 
 
 # --- gate: opt-out and region ---------------------------------------------------------------------
@@ -158,6 +158,9 @@ def test_a_filter_for_the_model_takes_its_threshold_and_gate_together(policy: Po
     assert device.decide(output([(MUSIC, 0.9)], sensitive=0.08), TODAY) == Dropped("sensitive", "health")
     stricter = PrivacyFilter.for_model(policy, meta, FilterOptions(sensitive_threshold=0.01))
     assert (stricter.sensitive_threshold, stricter.max_no_interest) == (0.01, 0.3)
+    # No silent fallback: a filter built by hand must be told its gate.
+    with pytest.raises(TypeError, match="max_no_interest"):
+        PrivacyFilter(policy, 0.07)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
@@ -165,7 +168,7 @@ def test_commercial_gate_outside_unit_interval_is_refused(policy: Policy, bad: f
     with pytest.raises(ValueError, match="max_no_interest"):
         PrivacyFilter(policy, THRESHOLD, max_no_interest=bad)
     with pytest.raises(ValueError, match="max_no_interest"):
-        PrivacyFilter(policy, THRESHOLD, FilterOptions(max_no_interest=bad))
+        PrivacyFilter(policy, THRESHOLD, FilterOptions(max_no_interest=bad), max_no_interest=0.5)
 
 
 def test_the_shipped_gate_comes_from_classifier_json_and_reaches_the_pipeline(tmp_path: Path) -> None:
