@@ -398,6 +398,7 @@ def label(
     parts = run_dir / "labels"
     fingerprint: dict[str, Any] = {"model_sha256": model_sha, "texts": len(rows), "chunk": chunk}
     old: teacher_labels.SoftLabels | None = None
+    known: dict[str, int] = {}
     all_rows = rows
     if reuse is not None:
         try:
@@ -464,15 +465,17 @@ def label(
         np.concatenate(sensitive) if sensitive else np.zeros((0, len(sensitive_labels)), np.float32)
     )
     if old is not None:
-        # Every row of the transfer set, from the old file or from this run, in the transfer set's order.
-        known, fresh = old.rows(), {k: i for i, (k, _, _) in enumerate(rows)}
-        pick = [(known[k], -1) if k in known else (-1, fresh[k]) for k, _, _ in all_rows]
-        new_interest = np.stack([old.interest[a] if a >= 0 else new_interest[b] for a, b in pick]).astype(
-            np.float32
-        )
-        new_sensitive = np.stack([old.sensitive[a] if a >= 0 else new_sensitive[b] for a, b in pick]).astype(
-            np.float32
-        )
+        # Every row of the transfer set in its order: the old file's where it has the key, else this
+        # run's (``rows`` is ``all_rows`` less those keys, in the same order).
+        copied = np.array([k in known for k, _, _ in all_rows], dtype=bool)
+        old_rows = [known[k] for k, _, _ in all_rows if k in known]
+
+        def merged(kept: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+            out = np.empty((len(all_rows), kept.shape[1]), dtype=np.float32)
+            out[copied], out[~copied] = kept[old_rows], fresh
+            return out
+
+        new_interest, new_sensitive = merged(old.interest, new_interest), merged(old.sensitive, new_sensitive)
         rows = all_rows
     config = saved["config"]
     teacher_labels.write_soft_labels(
