@@ -62,14 +62,15 @@ def both_decisions(
     the model or gazetteer: (top signal id or None, drop reason or None) per example. The classifier
     runs once per example."""
     outputs = [models.classifier.classify(ex.text) for ex in examples]
-    gate = models.classifier.meta.max_no_interest  # the commercial gate the device applies
+    meta = models.classifier.meta
     result = []
-    for threshold in thresholds or [models.classifier.meta.sensitive_threshold]:
-        filters = (
-            PrivacyFilter(models.policy, threshold, FilterOptions(gazetteer=False), max_no_interest=gate),
-            PrivacyFilter(
-                models.policy, threshold, FilterOptions(gazetteer=True), gazetteer, max_no_interest=gate
-            ),
+    for threshold in thresholds or [meta.sensitive_threshold]:
+        # The device's filter (the model's commercial gate), at this threshold, without and with the lists.
+        filters = tuple(
+            PrivacyFilter.for_model(
+                models.policy, meta, FilterOptions(sensitive_threshold=threshold, gazetteer=on), gazetteer
+            )
+            for on in (False, True)
         )
         out: tuple[list[Decision], list[Decision]] = ([], [])
         for ex, output in zip(examples, outputs, strict=True):
