@@ -121,8 +121,7 @@ def _unit(text: str) -> float:
 
 def _group(e: modeldata.Example) -> str:
     """The sampling group of an example: what it teaches and where it comes from."""
-    source = e.source.split(":")[0]
-    public = source in ("clinc150", "hwu64", "medquad") or source.startswith("bbq")
+    public = modeldata.is_public(e)
     if e.sensitive != NONE_LABEL:
         return f"sensitive:{'public' if public else 'handwritten'}"
     if e.interest not in (None, NONE_LABEL):

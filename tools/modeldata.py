@@ -49,6 +49,15 @@ class Example:
     mixed: bool = False
 
 
+#: The public data sets (an example's source before the first ":"); everything else is hand-written.
+PUBLIC_SOURCES = ("clinc150", "hwu64", "medquad", "bbq")
+
+
+def is_public(example: Example) -> bool:
+    """Whether the example comes from a public data set rather than the hand-written folders."""
+    return example.source.split(":")[0] in PUBLIC_SOURCES
+
+
 def _hash_split(text: str, eval_share: int = 5) -> str:
     """Stable 1-in-``eval_share`` held-out split by text hash (independent of file order)."""
     h = int.from_bytes(hashlib.sha256(text.lower().encode()).digest()[:4], "big")

@@ -28,15 +28,18 @@ def test_both_columns_share_one_classification_and_differ_by_the_gazetteer() -> 
     assert "| leak: sexual_orientation | 100.00% of 1 | 0.00% |" in report
 
 
-def test_round4_is_read_with_its_labels() -> None:
-    examples = gazetteer_report.round4()
+def test_the_hand_written_part_keeps_every_written_query_and_no_public_one() -> None:
+    held_out = [e for e in modeldata.load_all() if e.split == "eval"]
+    written = gazetteer_report.written(held_out)
+    public = ("clinc150:", "hwu64:", "bbq:", "medquad")
+    assert not [e for e in written if e.source.startswith(public)]
+    assert {e.text.lower() for e in modeldata.held_out()} <= {e.text.lower() for e in written}
+    assert len(written) == sum(not e.source.startswith(public) for e in held_out)
     kinds = Counter(
         "sensitive" if e.sensitive != "none" else ("none" if e.interest == "none" else "interest")
-        for e in examples
+        for e in written
     )
-    # tools/data/README.md: 2,341 interest, 448 no-interest, 7,919 sensitive queries.
-    assert kinds == {"interest": 2341, "none": 448, "sensitive": 7919}
-    assert all(e.split == "round4" for e in examples)
+    assert min(kinds["interest"], kinds["none"], kinds["sensitive"]) > 0
 
 
 def test_a_stricter_threshold_drops_at_least_as_much() -> None:
