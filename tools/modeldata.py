@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,6 +114,40 @@ def hwu64() -> list[Example]:
 HANDWRITTEN_FOLDERS = ("handwritten", "round4")
 #: Hand-written folders that are held out whole: evaluated on, never trained, calibrated or distilled on.
 HELD_OUT_FOLDERS = ("heldout",)
+
+
+def word_set(text: str) -> frozenset[str]:
+    """The words of a text, as the near-copy check compares them."""
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def near_copies(
+    texts: list[str], others: list[str], min_jaccard: float = 0.8, common: int = 300
+) -> list[tuple[str, str]]:
+    """Pairs (text, other) whose word sets overlap by at least ``min_jaccard`` (Jaccard), exact copies
+    included. Candidates are found through the words shared with fewer than ``common`` other texts; a
+    pair made only of common words is still compared when both texts are short (four words or fewer)."""
+    sets = [word_set(t) for t in others]
+    postings: dict[str, list[int]] = {}
+    short: dict[frozenset[str], list[int]] = {}
+    for i, words in enumerate(sets):
+        for w in words:
+            postings.setdefault(w, []).append(i)
+        if len(words) <= 4:
+            short.setdefault(words, []).append(i)
+    found = []
+    for text in texts:
+        words = word_set(text)
+        candidates: set[int] = set(short.get(words, []))
+        for w in words:
+            hits = postings.get(w, [])
+            if len(hits) < common:
+                candidates.update(hits)
+        for i in sorted(candidates):
+            union = len(words | sets[i])
+            if union and len(words & sets[i]) / union >= min_jaccard:
+                found.append((text, others[i]))
+    return found
 
 
 def handwritten(folders: tuple[str, ...] = HANDWRITTEN_FOLDERS) -> list[Example]:

@@ -19,7 +19,7 @@ from tools import modeldata
 ROOT = Path(__file__).resolve().parents[2]
 
 FOLDER = ROOT / "tools" / "data" / "handwritten"
-#: The fourth round, written under the same rules, not yet in the shipped model (tools/data/README.md).
+#: The fourth round, written under the same rules and split the same way (tools/data/README.md).
 ROUND4 = ROOT / "tools" / "data" / "round4"
 #: Sensitive queries written for evaluation only, under the same rules: never trained on.
 HELD_OUT = ROOT / "tools" / "data" / "heldout"
@@ -145,6 +145,25 @@ def test_held_out_only_queries_are_never_trained_on_and_give_every_class_200() -
     per_class = Counter(e.sensitive for e in examples if e.split == "eval" and e.sensitive != "none")
     thin = {c: per_class[c] for c in SENSITIVE_CLASSES if per_class[c] < 200}
     assert not thin, f"classes with fewer than 200 held-out queries: {thin}"
+
+
+def test_held_out_only_queries_nearly_copy_no_training_query() -> None:
+    # A reworded copy of a training query would be measured as if unseen (word-set Jaccard >= 0.8).
+    training = [e.text for e in modeldata.load_all() if e.split == "train"]
+    pairs = modeldata.near_copies([e.text for e in modeldata.held_out()], training)
+    assert not pairs, f"{len(pairs)} held-out-only queries nearly copy training queries, e.g. {pairs[:5]}"
+
+
+def test_near_copies_finds_reworded_copies_and_only_them() -> None:
+    others = ["where can i buy trail running shoes", "timer for ten minutes", "ebt balance"]
+    found = modeldata.near_copies(
+        ["Where can I buy trail-running shoes?", "trail running shoes sale", "EBT balance", "ebt card"],
+        others,
+    )
+    assert found == [
+        ("Where can I buy trail-running shoes?", "where can i buy trail running shoes"),
+        ("EBT balance", "ebt balance"),
+    ]
 
 
 def test_the_held_out_fifth_is_stable_and_about_a_fifth() -> None:
