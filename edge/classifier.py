@@ -183,7 +183,9 @@ def tflite_interpreter(path: str | Path, threads: int = 1) -> Any:
 
 
 def _hybrid_ops(interpreter: Any) -> set[str]:
-    """Ops that read int8 tensors and write float ones, DEQUANTIZE aside (dynamic-range "hybrid" ops)."""
+    """Ops that read int8 tensors and write float ones (dynamic-range "hybrid" ops). DEQUANTIZE and CAST
+    are exact conversions (the embedding tables' int8 rows are gathered, then cast and scaled), not
+    hybrid arithmetic."""
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     try:
         ops = interpreter._get_ops_details()  # private, but present in tflite-runtime 2.5 .. 2.14
@@ -191,7 +193,7 @@ def _hybrid_ops(interpreter: Any) -> set[str]:
         return {"int8"} if any(t["dtype"] == np.int8 for t in tensors.values()) else set()
     found = set()
     for op in ops:
-        if op["op_name"] == "DEQUANTIZE":
+        if op["op_name"] in ("DEQUANTIZE", "CAST"):  # exact conversions, not int8 arithmetic
             continue
         ins = [tensors[i]["dtype"] for i in op["inputs"] if i >= 0]
         outs = [tensors[i]["dtype"] for i in op["outputs"] if i >= 0]

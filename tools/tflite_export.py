@@ -19,9 +19,14 @@ Recipe:
    v5, and tflite-runtime 2.14 refuses such a file ("Didn't find op for builtin opcode 'GATHER_ND'
    version '5'").
 3. ``quantize="weight_only_int8"`` runs the AI Edge Quantizer: symmetric per-channel int8 weights for
-   every fully connected layer and the embedding table, float32 compute (the int8 file tflite-runtime
-   2.14 computes correctly). ``"dynamic_int8"`` also quantizes activations at run time: faster, but
-   its decisions drift from the float model and from ONNX Runtime, so it is not what ships.
+   every fully connected layer, float32 compute (the int8 file tflite-runtime 2.14 computes
+   correctly). The embedding tables are not left to it: the quantizer would store each table as int8
+   behind a ``DEQUANTIZE`` that the runtime computes once per signature, three float copies of the
+   30k-row token table (about 47 MB each) held for the life of the interpreter. Instead the traced
+   model gathers int8 rows and scales them (``Int8Embedding``, the ONNX file's layout too), so a table
+   stays int8 in memory and only the rows of the query are ever made float; same numbers, since the
+   tables are already on their int8 grid. ``"dynamic_int8"`` also quantizes activations at run time:
+   faster, but its decisions drift from the float model and from ONNX Runtime, so it is not what ships.
 4. Before anything is written, every signature is run against the PyTorch model on probes of several
    real lengths, padded, so a graph that froze the tracing sample's padding is never shipped.
 
@@ -74,10 +79,11 @@ def export_tflite(model: Any, out: Path, quantize: str, lengths: Sequence[int] =
     import litert_torch
     import torch
 
-    named = _named_outputs(model)
     was_training = model.training
     model.eval()  # dropout off; tracing in train mode would bake random masks into the graph
     try:
+        traced = model if quantize == "none" else int8_embeddings(model).eval()
+        named = _named_outputs(traced)
         converter: Any = None
         with torch.no_grad():
             for length in lengths:
@@ -110,6 +116,40 @@ def export_tflite(model: Any, out: Path, quantize: str, lengths: Sequence[int] =
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+def int8_embeddings(model: Any) -> Any:
+    """A copy of ``model`` whose large embedding tables (``MIN_ELEMENTS`` weights or more) are
+    ``Int8Embedding`` modules: int8 rows gathered, then scaled. Raises ValueError for a table that is not
+    on its per-row int8 grid (round the weights first: ``tools.build_models.round_weights_to_int8``),
+    since the copy must compute exactly what ``model`` computes."""
+    import copy
+
+    import torch
+
+    from tools.onnx_int8 import MIN_ELEMENTS, quantize_symmetric
+
+    class Int8Embedding(torch.nn.Module):
+        """``table[ids]`` from an int8 table and one float32 scale per row: ``q[ids] * scale[ids]``."""
+
+        def __init__(self, q: np.ndarray, scale: np.ndarray) -> None:
+            super().__init__()
+            self.register_buffer("q", torch.from_numpy(q))
+            self.register_buffer("scale", torch.from_numpy(scale))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.q[ids].to(torch.float32) * self.scale[ids].unsqueeze(-1)
+
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Embedding) and child.weight.numel() >= MIN_ELEMENTS:
+                weight = child.weight.detach().cpu().numpy()
+                q, scale = quantize_symmetric(weight, axis=0)
+                if not np.array_equal(q.astype(np.float32) * scale[:, None], weight):
+                    raise ValueError(f"embedding {name!r} is not on its int8 grid; round the weights first")
+                setattr(parent, name, Int8Embedding(q, scale))
+    return out
 
 
 def _named_outputs(model: Any) -> Any:

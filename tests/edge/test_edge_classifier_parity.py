@@ -18,7 +18,7 @@ import pytest
 from edge_testkit import copy_models
 
 from sotto.edge.asr import ModelError, sha256_file
-from sotto.edge.classifier import BACKENDS, TextClassifier, normalize_text
+from sotto.edge.classifier import BACKENDS, TextClassifier, normalize_text, tflite_interpreter
 from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from tools import modeldata
 from tools.evaluate import agreement
@@ -132,6 +132,22 @@ def test_one_tflite_classifier_shared_by_threads_gives_what_it_gives_alone() -> 
     for (a_int, a_sen), (t_int, t_sen) in zip(alone, together, strict=True):
         np.testing.assert_array_equal(a_int, t_int)
         np.testing.assert_array_equal(a_sen, t_sen)
+
+
+def test_the_tflite_file_keeps_its_embedding_tables_int8() -> None:
+    # The token table (30,522 rows) gathered as int8 rows, then scaled: a DEQUANTIZE of the whole table
+    # would hold a float copy of it (47 MB) per signature for the life of the interpreter.
+    interpreter = tflite_interpreter(SOURCE_MODELS / "classifier.tflite")
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    lookups = [op for op in ops if op["op_name"] in ("GATHER", "GATHER_ND", "EMBEDDING_LOOKUP")]
+    tables = [tensors[i] for op in lookups for i in op["inputs"] if i >= 0]
+    tables = [t for t in tables if len(t["shape"]) == 2 and t["shape"][0] >= 512]
+    assert tables, "expected the token table to be looked up"
+    assert all(t["dtype"] == np.int8 for t in tables), [(t["shape"], t["dtype"]) for t in tables]
+    shapes = {tuple(t["shape"]) for t in tables}
+    dequantized = [tuple(tensors[op["inputs"][0]]["shape"]) for op in ops if op["op_name"] == "DEQUANTIZE"]
+    assert not shapes & set(dequantized)
 
 
 def test_tflite_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:

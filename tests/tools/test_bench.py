@@ -108,6 +108,12 @@ def test_edge_memory_loads_every_model(results: Path) -> None:
     memory = load(results, "edge-memory")["results"]
     assert memory["queries"] == 3
     assert memory["peak_rss_mb"] >= memory["rss_after_load_mb"] > memory["rss_start_mb"] > 0
+    # The classifier's own share, measured in a fresh process per runtime.
+    shares = {c["backend"]: c for c in memory["classifier"]}
+    assert set(shares) == {"onnx", "tflite"}
+    assert "error" not in shares["onnx"]
+    for share in shares.values():
+        assert "error" in share or (share["loaded_mb"] > 0 and share["queries"] == 20)
 
 
 def test_wire_size_compares_with_json(results: Path) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sotto.edge.asr import AsrOptions
+from sotto.edge.classifier import BACKENDS
 from tools.bench.plots import plot
 from tools.bench.results import BENCHMARKS, validate_result, write_result
 from tools.bench.scale import add_arguments as scale_arguments
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     child = commands.add_parser("_memory-child", help=argparse.SUPPRESS)
     child.add_argument("folder", type=Path)
     child.add_argument("queries", type=int)
+    classifier_child = commands.add_parser("_classifier-child", help=argparse.SUPPRESS)
+    classifier_child.add_argument("backend", choices=BACKENDS)
+    classifier_child.add_argument("queries", type=int)
     return parser
 
 
@@ -159,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench.edge_memory import memory_child
 
         json.dump(memory_child(args.folder, args.queries), sys.stdout)
+        return 0
+    if args.command == "_classifier-child":
+        from tools.bench.edge_memory import classifier_child
+
+        json.dump(classifier_child(args.backend, args.queries), sys.stdout)
         return 0
     if args.command == "plot":
         for path in plot(args.results, args.out or args.results):

@@ -1,4 +1,5 @@
-"""Benchmark ``edge-memory``: peak RSS of a process with every model, and the model load time."""
+"""Benchmark ``edge-memory``: peak RSS of a process with every model, and the model load time; and the
+classifier's own share of a process, on each runtime the machine has (the device ships one)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from sotto.edge.classifier import BACKENDS
 from sotto.edge.pipeline import EdgeModels, Pipeline
 from tools.bench.speech import CLIPS, demo_queries, say
 from tools.harness import run_module
-from tools.paths import SPEECH
+from tools.paths import SOURCE_MODELS, SPEECH
 
 
 def _rss_mb() -> float:
@@ -52,6 +56,51 @@ def memory_child(folder: Path, queries: int) -> dict[str, Any]:
     }
 
 
+def classifier_texts(count: int) -> list[str]:
+    """``count`` held-out query texts (models/reference_outputs.npz), half of them the longest, so that
+    every input length the classifier provides for (each TFLite signature) is used."""
+    with np.load(SOURCE_MODELS / "reference_outputs.npz") as data:
+        texts = sorted((str(t) for t in data["texts"]), key=lambda t: (len(t), t))
+    step = max(1, len(texts) // max(1, count - count // 2))
+    return texts[-(count // 2) :] + texts[::step][: count - count // 2]
+
+
+def classifier_child(backend: str, queries: int) -> dict[str, Any]:
+    """In a fresh process: import the runtime, load the classifier on ``backend``, classify ``queries``
+    held-out texts; the classifier's share is the resident memory it adds to the imports."""
+    import tokenizers  # noqa: F401  (the imports are the baseline, not the classifier's share)
+
+    from sotto.edge.classifier import TextClassifier
+
+    if backend == "onnx":
+        import onnxruntime  # noqa: F401
+    else:
+        try:
+            import ai_edge_litert.interpreter  # noqa: F401
+        except ImportError:
+            try:
+                import tflite_runtime.interpreter  # noqa: F401
+            except ImportError:
+                return {
+                    "backend": backend,
+                    "error": "no TFLite runtime installed (pip install 'sotto[tflite]')",
+                }
+    rss_imports = _rss_mb()
+    classifier = TextClassifier(backend=backend)
+    rss_loaded = _rss_mb()
+    texts = classifier_texts(queries)
+    for text in texts:
+        classifier.classify(text)
+    rss_after = _rss_mb()
+    return {
+        "backend": backend,
+        "rss_imports_mb": rss_imports,
+        "loaded_mb": rss_loaded - rss_imports,
+        "after_queries_mb": rss_after - rss_imports,
+        "queries": len(texts),
+    }
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     queries = 3 if args.smoke else args.queries
     texts = demo_queries()[: 2 if args.smoke else None]
@@ -62,6 +111,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     if proc.returncode != 0:
         raise SystemExit(f"bench: the memory probe failed:\n{proc.stderr}")
     results = json.loads(proc.stdout)
+    results["classifier"] = []
+    for backend in BACKENDS:
+        child = run_module(
+            "tools.bench", "_classifier-child", backend, str(20 if args.smoke else 400), timeout=600
+        )
+        if child.returncode != 0:
+            raise SystemExit(f"bench: the {backend} classifier probe failed:\n{child.stderr}")
+        results["classifier"].append(json.loads(child.stdout))
     results["figures"] = {"peak_rss_mb": results["peak_rss_mb"]}
     return {"queries": queries, "spoken_queries": len(texts), "clips": len(CLIPS)}, results
 
@@ -74,4 +131,17 @@ def table(document: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         [f"peak RSS after {r['queries']} queries (MB)", f"{r['peak_rss_mb']:.0f}"],
         ["model load (s)", f"{r['model_load_s']:.2f}"],
     ]
-    return [("edge memory: one process, every model, real and spoken queries", ["figure", "value"], rows)]
+    share = [
+        [c["backend"], f"{c['loaded_mb']:.0f}", f"{c['after_queries_mb']:.0f}", str(c["queries"])]
+        if "error" not in c
+        else [c["backend"], "-", "-", f"not measured: {c['error']}"]
+        for c in r.get("classifier", [])
+    ]
+    return [
+        ("edge memory: one process, every model, real and spoken queries", ["figure", "value"], rows),
+        (
+            "the classifier's share of a process (MB added to its runtime's imports), per runtime",
+            ["runtime", "loaded", "after the queries", "queries"],
+            share,
+        ),
+    ]
