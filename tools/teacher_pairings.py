@@ -56,6 +56,8 @@ class Split:
         p_int = getattr(self, interest)[0]
         p_sen = getattr(self, detector)[1]
         if band is not None:
+            if detector != "model":
+                raise ValueError("a cascade asks the teacher inside the band and the model outside it")
             asked = self.asked(band)
             p_sen = np.where(asked[:, None], self.teacher[1], self.model[1])
         return p_int, p_sen

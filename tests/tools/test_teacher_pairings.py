@@ -40,7 +40,14 @@ def _split(
 
     model = detector(np.full(n, model_score))
     teacher = detector(np.where(sensitive, 0.99, 0.01))
-    return teacher_pairings.Split(examples, (p_int, model), (p_int, teacher))
+    # The teacher's interest head is sure of a category of another tier-1 family, wrongly.
+    tier1 = Policy.load(MODELS).taxonomy[category].tier1
+    wrong = next(
+        c for c in meta.interest_labels if c != "none" and Policy.load(MODELS).taxonomy[c].tier1 != tier1
+    )
+    t_int = p_int.copy()
+    t_int[:n_interest, [meta.interest_labels.index(category), meta.interest_labels.index(wrong)]] = [0.0, 0.9]
+    return teacher_pairings.Split(examples, (p_int, model), (t_int, teacher))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +71,10 @@ def test_a_detector_that_knows_drops_no_benign_query_and_leaks_none(setting) -> 
     assert knows["no_interest_silent_rate"] == 1.0
     assert knows["interest_silent"] == blind["interest_silent"] == 0.0
     assert knows["argmax_tier1_accuracy"] == blind["argmax_tier1_accuracy"] == 1.0
+    # The interest head comes from the source asked for.
+    _, misled = teacher_pairings.price(calib, held, meta, policy, "teacher", "teacher")
+    assert misled["benign_interest_dropped_as_sensitive"] == 0.0
+    assert misled["interest_tier1_accuracy"] == misled["argmax_tier1_accuracy"] == 0.0
 
 
 def test_a_cascade_asks_the_teacher_only_inside_its_band(setting) -> None:  # type: ignore[no-untyped-def]
@@ -75,10 +86,12 @@ def test_a_cascade_asks_the_teacher_only_inside_its_band(setting) -> None:  # ty
     assert outside["benign_interest_dropped_as_sensitive"] == 1.0
 
 
-def test_an_unknown_head_source_is_refused(setting) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_head_source_or_a_cascade_of_the_teacher_is_refused(setting) -> None:  # type: ignore[no-untyped-def]
     calib = setting[0]
     with pytest.raises(ValueError, match="unknown head source"):
         calib.heads("oracle", "model")
+    with pytest.raises(ValueError, match="a cascade asks the teacher inside the band"):
+        calib.heads("teacher", "model", (0.2, 0.4))
 
 
 def test_a_bad_band_is_a_usage_error(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -62,7 +62,7 @@ def classifier_texts(count: int) -> list[str]:
     with np.load(SOURCE_MODELS / "reference_outputs.npz") as data:
         texts = sorted((str(t) for t in data["texts"]), key=lambda t: (len(t), t))
     step = max(1, len(texts) // max(1, count - count // 2))
-    return texts[-(count // 2) :] + texts[::step][: count - count // 2]
+    return texts[len(texts) - count // 2 :] + texts[::step][: count - count // 2]
 
 
 def classifier_child(backend: str, queries: int) -> dict[str, Any]:
