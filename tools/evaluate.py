@@ -45,6 +45,7 @@ from sotto.edge.classifier import (
 from sotto.edge.pipeline import EdgeConfig, EdgeModels, Pipeline
 from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES, Policy
+from sotto.wire import Signal
 from tools import modeldata
 from tools.build_models import upper_bound, would_emit
 
@@ -87,6 +88,13 @@ def final_exam(path: Path = FINAL_EXAM) -> list[modeldata.Example]:
         else:
             raise ValueError(f"{path}:{i}: no label")
     return out
+
+
+def outcome(decision: list[Signal] | Dropped) -> tuple[str | None, str | None]:
+    """A privacy filter's decision as ``metrics`` takes it: (top signal id or None, drop reason or None)."""
+    if isinstance(decision, Dropped):
+        return None, decision.reason
+    return decision[0].category_id, None
 
 
 def decisions(examples: list[modeldata.Example], models: EdgeModels) -> list[tuple[str | None, str | None]]:
@@ -306,13 +314,7 @@ def baseline(
     meta = ClassifierMeta(list(interest.classes_), [NONE_LABEL, "sensitive"], thr, 0, {}, {})
     device_filter = PrivacyFilter(policy, sensitive_threshold=thr, max_no_interest=DEFAULT_MAX_NO_INTEREST)
     outputs = outputs_from_probabilities(meta, p_int, np.stack([1.0 - p_sen, p_sen], axis=1))
-    got: list[tuple[str | None, str | None]] = []
-    for decision in (device_filter.decide(o, DAY) for o in outputs):
-        if isinstance(decision, Dropped):
-            got.append((None, decision.reason))
-        else:
-            got.append((decision[0].category_id, None))
-    return metrics(evals, got, policy)
+    return metrics(evals, [outcome(device_filter.decide(o, DAY)) for o in outputs], policy)
 
 
 def check(name: str, value: float, backend: str | None = None) -> str:

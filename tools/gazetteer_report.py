@@ -20,10 +20,10 @@ from typing import Any
 
 from sotto.edge.gazetteer import Gazetteer
 from sotto.edge.pipeline import EdgeConfig, EdgeModels
-from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
+from sotto.edge.privacy import FilterOptions, PrivacyFilter
 from sotto.policy import SENSITIVE_CLASSES
 from tools import modeldata
-from tools.evaluate import DAY, metrics
+from tools.evaluate import DAY, metrics, outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,7 @@ def both_decisions(
         out: tuple[list[Decision], list[Decision]] = ([], [])
         for ex, output in zip(examples, outputs, strict=True):
             for sink, device_filter in zip(out, filters, strict=True):
-                decision = device_filter.decide(output, DAY, ex.text)
-                if isinstance(decision, Dropped):
-                    sink.append((None, decision.reason))
-                else:
-                    sink.append((decision[0].category_id, None))
+                sink.append(outcome(device_filter.decide(output, DAY, ex.text)))
         result.append(out)
     return result
 

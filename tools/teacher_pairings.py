@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from sotto.edge.classifier import ClassifierMeta, normalize_text, outputs_from_probabilities
-from sotto.edge.privacy import Dropped, FilterOptions, PrivacyFilter
+from sotto.edge.privacy import FilterOptions, PrivacyFilter
 from sotto.policy import Policy
 from tools import modeldata
 from tools.build_models import OperatingPoint, operating_points, pick_gate, split_training
-from tools.evaluate import DAY, metrics
+from tools.evaluate import DAY, metrics, outcome
 from tools.teacher_labels import SoftLabels, read_soft_labels, text_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,13 +100,10 @@ def decide(
         options=FilterOptions(gazetteer=False),
         max_no_interest=point.max_no_interest,
     )
-    out: list[tuple[str | None, str | None]] = []
-    for ex, output in zip(split.examples, outputs_from_probabilities(meta, *heads), strict=True):
-        decision = device_filter.decide(output, DAY, ex.text)
-        out.append(
-            (None, decision.reason) if isinstance(decision, Dropped) else (decision[0].category_id, None)
-        )
-    return out
+    return [
+        outcome(device_filter.decide(output, DAY, ex.text))
+        for ex, output in zip(split.examples, outputs_from_probabilities(meta, *heads), strict=True)
+    ]
 
 
 def price(
