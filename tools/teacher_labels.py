@@ -160,15 +160,20 @@ def read_soft_labels(
     return labels
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The probabilities of a file's logits, row by row (computed in float64)."""
+    x = logits.astype(np.float64)
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    return x / x.sum(axis=1, keepdims=True)
+
+
 def held_out_report(labels: SoftLabels, thresholds: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)) -> str:
     """What the teacher knows, sensitive-or-not alone, on the held-out queries it has labels for: the
     share of sensitive ones it misses and of benign interest ones it flags, at each threshold on
     1 - P(none)."""
     rows = labels.rows()
     held = [e for e in modeldata.load_all() if e.split == "eval" and text_key(e.text) in rows]
-    logits = labels.sensitive[[rows[text_key(e.text)] for e in held]].astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    score = 1.0 - probs[:, 0] / probs.sum(axis=1)
+    score = 1.0 - softmax(labels.sensitive[[rows[text_key(e.text)] for e in held]])[:, 0]
     sensitive = np.array([e.sensitive != modeldata.NONE for e in held])
     interest = np.array(
         [e.sensitive == modeldata.NONE and e.interest not in (None, modeldata.NONE) for e in held]

@@ -25,13 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from sotto.edge.classifier import ClassifierMeta, normalize_text, outputs_from_probabilities
+from sotto.edge.classifier import (
+    ClassifierMeta,
+    ClassifierOutput,
+    normalize_text,
+    outputs_from_probabilities,
+)
 from sotto.edge.privacy import FilterOptions, PrivacyFilter
 from sotto.policy import Policy
 from tools import modeldata
 from tools.build_models import OperatingPoint, operating_points, pick_gate, split_training
 from tools.evaluate import DAY, metrics, outcome
-from tools.teacher_labels import SoftLabels, read_soft_labels, text_key
+from tools.teacher_labels import SoftLabels, read_soft_labels, softmax, text_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("model", "teacher")
@@ -69,12 +74,6 @@ class Split:
         return (score >= low) & (score < high)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = np.exp(x - x.max(axis=1, keepdims=True))
-    return x / x.sum(axis=1, keepdims=True)
-
-
 def teacher_probabilities(
     labels: SoftLabels, examples: list[modeldata.Example]
 ) -> tuple[list[int], tuple[np.ndarray, np.ndarray]]:
@@ -86,14 +85,10 @@ def teacher_probabilities(
 
 
 def decide(
-    split: Split,
-    heads: tuple[np.ndarray, np.ndarray],
-    point: OperatingPoint,
-    meta: ClassifierMeta,
-    policy: Policy,
+    split: Split, outputs: list[ClassifierOutput], point: OperatingPoint, policy: Policy
 ) -> list[tuple[str | None, str | None]]:
-    """The device filter's decision per example, at the point's threshold and gate: (top signal id or
-    None, drop reason or None), as tools.evaluate.metrics takes them."""
+    """The device filter's decision on each example's classifier output, at the point's threshold and
+    gate: (top signal id or None, drop reason or None), as tools.evaluate.metrics takes them."""
     device_filter = PrivacyFilter(
         policy,
         sensitive_threshold=point.threshold,
@@ -102,7 +97,7 @@ def decide(
     )
     return [
         outcome(device_filter.decide(output, DAY, ex.text))
-        for ex, output in zip(split.examples, outputs_from_probabilities(meta, *heads), strict=True)
+        for ex, output in zip(split.examples, outputs, strict=True)
     ]
 
 
@@ -121,15 +116,15 @@ def price(
     p_int, p_sen = calib.heads(detector, interest, band)
     outputs = outputs_from_probabilities(meta, p_int, p_sen)
     point = pick_gate(operating_points(1.0 - p_sen[:, 0], outputs, calib.examples, policy))
-    heads = held.heads(detector, interest, band)
-    decisions = decide(held, heads, point, meta, policy)
+    held_outputs = outputs_from_probabilities(meta, *held.heads(detector, interest, band))
+    decisions = decide(held, held_outputs, point, policy)
     figures = metrics(held.examples, decisions, policy)
     is_interest = [e.sensitive == "none" and e.interest not in (None, "none") for e in held.examples]
     figures["interest_silent"] = float(
         np.mean([d[1] == "no_interest" for d, i in zip(decisions, is_interest, strict=True) if i])
     )
     tier1 = {cid: policy.taxonomy[cid].tier1 for cid in policy.interest_ids}
-    ranked = [o.interests[0][0] for o in outputs_from_probabilities(meta, *heads)]
+    ranked = [o.interests[0][0] for o in held_outputs]
     figures["argmax_tier1_accuracy"] = float(
         np.mean(
             [
