@@ -151,14 +151,9 @@ def onnx_session(path: str | Path, threads: int = 1) -> Any:
         raise ModelError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
 
 
-def tflite_interpreter(path: str | Path, threads: int = 1) -> Any:
-    """A ready TFLite ``Interpreter`` for ``path``: ai-edge-litert, else tflite-runtime.
-
-    tflite-runtime (last release 2.14, 2023) is the fallback for devices without an ai-edge-litert
-    wheel. The shipped file keeps to ops it has (no bool GATHER_ND) and holds weight-only int8, which it
-    computes correctly. It would compute *dynamic-range* int8 files wrongly without any error (its
-    hybrid kernels misread per-channel scales), so such a file is refused on it.
-    """
+def tflite_interpreter_class() -> Any:
+    """The TFLite ``Interpreter`` class: ai-edge-litert's, else tflite-runtime's; ModelError if neither
+    is installed."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -169,6 +164,18 @@ def tflite_interpreter(path: str | Path, threads: int = 1) -> Any:
                 "the tflite classifier backend needs a TFLite runtime: pip install 'sotto[tflite]' "
                 "(ai-edge-litert; or tflite-runtime where no ai-edge-litert wheel exists)"
             ) from None
+    return Interpreter
+
+
+def tflite_interpreter(path: str | Path, threads: int = 1) -> Any:
+    """A ready TFLite ``Interpreter`` for ``path``: ai-edge-litert, else tflite-runtime.
+
+    tflite-runtime (last release 2.14, 2023) is the fallback for devices without an ai-edge-litert
+    wheel. The shipped file keeps to ops it has (no bool GATHER_ND) and holds weight-only int8, which it
+    computes correctly. It would compute *dynamic-range* int8 files wrongly without any error (its
+    hybrid kernels misread per-channel scales), so such a file is refused on it.
+    """
+    Interpreter = tflite_interpreter_class()
     try:
         interpreter = Interpreter(model_path=str(path), num_threads=threads)
     except (ValueError, RuntimeError, SystemError) as exc:

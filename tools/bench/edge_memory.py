@@ -70,21 +70,16 @@ def classifier_child(backend: str, queries: int) -> dict[str, Any]:
     held-out texts; the classifier's share is the resident memory it adds to the imports."""
     import tokenizers  # noqa: F401  (the imports are the baseline, not the classifier's share)
 
-    from sotto.edge.classifier import TextClassifier
+    from sotto.edge.asr import ModelError
+    from sotto.edge.classifier import TextClassifier, tflite_interpreter_class
 
     if backend == "onnx":
         import onnxruntime  # noqa: F401
     else:
         try:
-            import ai_edge_litert.interpreter  # noqa: F401
-        except ImportError:
-            try:
-                import tflite_runtime.interpreter  # noqa: F401
-            except ImportError:
-                return {
-                    "backend": backend,
-                    "error": "no TFLite runtime installed (pip install 'sotto[tflite]')",
-                }
+            tflite_interpreter_class()
+        except ModelError as exc:
+            return {"backend": backend, "error": str(exc)}
     rss_imports = _rss_mb()
     classifier = TextClassifier(backend=backend)
     rss_loaded = _rss_mb()
